@@ -1,0 +1,192 @@
+"""Partition a model's trainable variables into groups (layers, variables, stages).
+
+A group is a set of trainable variables whose diagonal Hessian block is estimated
+together. The default, ``by="layer"``, makes every leaf layer that owns trainable
+variables one group, named by its path in the model; a layer called several times
+(weight sharing) is one group, because its variables are the same objects.
+"""
+
+import fnmatch
+from collections import OrderedDict
+
+import numpy as np
+
+
+def _sublayers(layer):
+    """Direct sublayers of ``layer`` (Keras tracks them; Functional includes InputLayers)."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def _walk(layer, prefix, seen_layers, out):
+    """Depth-first walk: append (layer_path, variables owned by this layer itself)."""
+    children = []
+    for child in _sublayers(layer):
+        if id(child) in seen_layers:
+            continue  # a layer reached twice (shared between nested models): first path wins
+        seen_layers.add(id(child))
+        children.append(child)
+    child_vars = set()
+    for child in children:
+        for v in child.trainable_variables:
+            child_vars.add(id(v))
+    own = [v for v in layer.trainable_variables if id(v) not in child_vars]
+    if own:
+        out.append((prefix, own))
+    for child in children:
+        path = f"{prefix}/{child.name}" if prefix else child.name
+        _walk(child, path, seen_layers, out)
+
+
+def _layer_variables(model):
+    """[(layer_path, [variables])] in model order; every trainable variable once."""
+    out = []
+    _walk(model, "", {id(model)}, out)
+    # Variables tracked by the model object itself get the model's name.
+    out = [(path or model.name, vs) for path, vs in out]
+    seen = set()
+    dedup = []
+    for path, vs in out:
+        vs = [v for v in vs if id(v) not in seen]
+        seen.update(id(v) for v in vs)
+        if vs:
+            dedup.append((path, vs))
+    return dedup
+
+
+def layer_groups(model, by="layer"):
+    """Group a model's trainable variables.
+
+    Args:
+        model: a built ``keras.Model`` (Sequential, Functional or subclassed).
+        by: how to group.
+            - ``"layer"``: one group per leaf layer that owns trainable variables,
+              named by its path (``"inner_model/dense_1"``). Nested models and
+              layers are walked; a layer called several times is one group.
+            - ``"variable"``: one group per trainable variable (``"dense/kernel"``).
+            - a callable ``f(layer_path, variable) -> str | None``: the group name
+              for each variable; ``None`` leaves it out of every group.
+            - a dict ``{pattern: group_name}`` of shell-style patterns matched
+              against layer paths (``{"stage2/*": "stage2"}``); the first matching
+              pattern wins and unmatched layers are left out.
+            - a mapping ``{group_name: [variables]}`` is returned as given after
+              checking every entry is a trainable variable of the model.
+
+    Returns:
+        ``OrderedDict`` group name -> list of variables, in model order. Groups are
+        disjoint; with ``"layer"`` and ``"variable"`` they cover every trainable
+        variable.
+
+    Raises:
+        ValueError: unbuilt model, no trainable variables, an unknown ``by``, a
+            pattern dict that matches nothing, or variables not in the model.
+
+    Example:
+        >>> groups = layer_groups(model)                       # doctest: +SKIP
+        >>> stages = layer_groups(model, {"stage1/*": "stage1", "stage2/*": "stage2"})
+    """
+    check_model(model)
+    pairs = _layer_variables(model)
+    groups = OrderedDict()
+    if isinstance(by, str):
+        if by == "layer":
+            for path, vs in pairs:
+                groups.setdefault(path, []).extend(vs)
+        elif by == "variable":
+            for path, vs in pairs:
+                for v in vs:
+                    name = f"{path}/{v.name}"
+                    if name in groups:
+                        name = f"{name}:{len(groups)}"
+                    groups[name] = [v]
+        else:
+            raise ValueError(
+                f"Unknown grouping by={by!r}: use 'layer', 'variable', a callable, "
+                "a dict of layer-path patterns -> group name, or {name: [variables]}."
+            )
+        return groups
+    if callable(by):
+        for path, vs in pairs:
+            for v in vs:
+                name = by(path, v)
+                if name is not None:
+                    groups.setdefault(str(name), []).append(v)
+        if not groups:
+            raise ValueError("The grouping callable assigned no variable to any group.")
+        return groups
+    if isinstance(by, dict):
+        values = list(by.values())
+        if values and all(isinstance(x, (list, tuple)) for x in values):
+            return _check_explicit(model, by)
+        for path, vs in pairs:
+            for pattern, name in by.items():
+                if fnmatch.fnmatchcase(path, pattern):
+                    groups.setdefault(str(name), []).extend(vs)
+                    break
+        if not groups:
+            paths = ", ".join(p for p, _ in pairs[:8])
+            raise ValueError(
+                f"No layer path matches the patterns {list(by)}; layer paths are: {paths}"
+                + (", ..." if len(pairs) > 8 else "")
+            )
+        return groups
+    raise TypeError(f"by must be a string, a callable or a dict, not {type(by).__name__}.")
+
+
+def _check_explicit(model, mapping):
+    ids = {id(v) for v in model.trainable_variables}
+    seen = set()
+    out = OrderedDict()
+    for name, vs in mapping.items():
+        for v in vs:
+            if id(v) not in ids:
+                raise ValueError(f"Group {name!r}: {getattr(v, 'path', v)} is not a trainable variable of the model.")
+            if id(v) in seen:
+                raise ValueError(f"Group {name!r}: {v.path} is already in another group; groups must be disjoint.")
+            seen.add(id(v))
+        out[str(name)] = list(vs)
+    return out
+
+
+def check_model(model):
+    """Raise a clear ValueError unless ``model`` is a built Keras model with trainable variables."""
+    import keras
+
+    if not isinstance(model, keras.layers.Layer):
+        raise TypeError(f"Expected a keras.Model, got {type(model).__name__}.")
+    if not model.built:
+        raise ValueError(
+            f"Model {model.name!r} is not built: call it on a batch (model(x)) or "
+            "model.build(input_shape) before estimating its Hessian."
+        )
+    if not model.trainable_variables:
+        raise ValueError(
+            f"Model {model.name!r} has no trainable variables (is it frozen with "
+            "trainable=False?): there is no Hessian to estimate."
+        )
+
+
+def group_indices(model, groups):
+    """Map groups to indices into ``model.trainable_variables``.
+
+    Args:
+        model: the model the groups were made from.
+        groups: ``OrderedDict`` name -> variables (from :func:`layer_groups`).
+
+    Returns:
+        (names, indices): a tuple of group names and a tuple of int tuples.
+    """
+    position = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    names, indices = [], []
+    for name, vs in groups.items():
+        try:
+            idx = tuple(position[id(v)] for v in vs)
+        except KeyError:
+            raise ValueError(f"Group {name!r} holds a variable that is not trainable in the model.") from None
+        names.append(name)
+        indices.append(idx)
+    return tuple(names), tuple(indices)
+
+
+def group_sizes(groups):
+    """Number of scalar parameters in each group, as an int array of shape [G]."""
+    return np.array([sum(int(np.prod(v.shape)) for v in vs) for vs in groups.values()], dtype=np.int64)
