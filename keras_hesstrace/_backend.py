@@ -1,6 +1,8 @@
 """Refuse any Keras backend but TensorFlow, with a message that says how to switch."""
 
+import json
 import os
+import sys
 
 _SWITCH = (
     "keras-hesstrace needs Keras 3 on its TensorFlow backend, but Keras is set to "
@@ -10,17 +12,34 @@ _SWITCH = (
 )
 
 
-def check_backend():
-    """Raise ImportError unless Keras runs on TensorFlow.
+def configured_backend():
+    """The backend Keras uses or will use, without importing Keras if it is not loaded.
 
-    Reads the backend Keras will use without importing TensorFlow twice.
+    Keras picks its backend at import from KERAS_BACKEND, else from keras.json in
+    KERAS_HOME (default ~/.keras), else TensorFlow. Reading the setting first means
+    a user with another backend gets our message, not Keras failing to import it.
     """
-    # Keras decides its backend at its own import from KERAS_BACKEND or keras.json.
-    import keras
+    if "keras" in sys.modules and hasattr(sys.modules["keras"], "backend"):
+        return sys.modules["keras"].backend.backend()
+    if os.environ.get("KERAS_BACKEND"):
+        return os.environ["KERAS_BACKEND"]
+    home = os.environ.get("KERAS_HOME", os.path.join(os.path.expanduser("~"), ".keras"))
+    try:
+        with open(os.path.join(home, "keras.json")) as f:
+            return json.load(f).get("backend", "tensorflow")
+    except (OSError, ValueError):
+        return "tensorflow"
 
-    backend = keras.backend.backend()
+
+def check_backend():
+    """Raise ImportError unless Keras runs (or will run) on TensorFlow."""
+    backend = configured_backend()
     if backend != "tensorflow":
         raise ImportError(_SWITCH.format(backend=backend))
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise ImportError(_SWITCH.format(backend=keras.backend.backend()))
     major = int(keras.__version__.split(".")[0])
     if major < 3:
         raise ImportError(
