@@ -283,6 +283,32 @@ class HessianOperator:
         hv, loss = fn(x, y, vector)
         return list(hv), loss
 
+    def matvec_data(self, data, vector, num_batches=None):
+        """Hv of the loss over several batches (the full-dataset mode).
+
+        Hv is averaged over the batches weighted by batch size, so for batches of a
+        dataset it is the HVP of the mean loss over all their examples.
+
+        Args:
+            data: a ``tf.data.Dataset`` or iterable of (x, y) batches, or one (x, y) pair
+                given as a tuple ``(x, y)`` wrapped in a list.
+            vector: list of tensors shaped like ``self.variables``.
+            num_batches: how many batches to use (default all).
+
+        Returns:
+            (hv, loss): the weighted averages (hv as float tensors like the variables).
+        """
+        from keras_hesstrace.trace import iterate_batches
+
+        acc, loss_sum, total = None, 0.0, 0
+        for xb, yb in iterate_batches(data, num_batches):
+            hv, loss = self.matvec(xb, yb, vector)
+            n = int(tf.nest.flatten(tf.nest.map_structure(tf.convert_to_tensor, yb))[0].shape[0])
+            acc = [n * h for h in hv] if acc is None else [a + n * h for a, h in zip(acc, hv)]
+            loss_sum += n * float(loss)
+            total += n
+        return [a / total for a in acc], loss_sum / total
+
     def probe_contractions(self, x, y, seed, probe, group_positions):
         """One probe: draw v, compute Hv, and contract per variable.
 

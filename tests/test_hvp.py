@@ -132,3 +132,26 @@ def test_wrong_vector_structure_is_refused_by_name():
         kh.hvp(model, x, y, np.ones(10), loss=xent64())
     with pytest.raises(ValueError, match="mode must be"):
         kh.hvp(model, x, y, v, loss=xent64(), mode="sideways")
+
+
+def test_matvec_data_is_the_hvp_of_the_mean_loss_over_all_batches():
+    from keras_hesstrace.hvp import hessian_operator
+
+    model = mt.mlp()
+    x, y = mt.data(n=20)
+    H = exact_hessian(model, x, y, xent64())
+    v = np.random.default_rng(4).normal(size=H.shape[0])
+    op = hessian_operator(model, xent64())
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    hv, loss = op.matvec_data(batches, unflatten(v, model.trainable_variables))
+    np.testing.assert_allclose(flatten(hv), H @ v, rtol=1e-10, atol=1e-13)
+    assert loss == pytest.approx(float(xent64()(y, model(x))), rel=1e-12)
+    # A block: only the head's variables, H_SS v_S.
+    head = [i for i, w in enumerate(model.trainable_variables) if w.path.startswith("head/")]
+    block = hessian_operator(model, xent64(), variable_indices=head)
+    sizes = [int(np.prod(w.shape)) for w in model.trainable_variables]
+    start = sum(sizes[: head[0]])
+    sl = slice(start, start + sum(sizes[i] for i in head))
+    vs = np.random.default_rng(5).normal(size=sl.stop - sl.start)
+    hv_block, _ = block.matvec(x, y, unflatten(vs, block.variables))
+    np.testing.assert_allclose(flatten(hv_block), H[sl, sl] @ vs, rtol=1e-10, atol=1e-13)
