@@ -176,6 +176,7 @@ def test_load_cifar_augment_is_a_shifted_or_flipped_crop():
         same = load_cifar("cifar10", batch_size=12, augment=True, shuffle=False, seed=4)
     x = next(iter(data.dataset))[0].numpy()
     np.testing.assert_array_equal(x, next(iter(same.dataset))[0].numpy())
+    assert not np.array_equal(x, next(iter(data.dataset))[0].numpy())  # redrawn each epoch
     assert x.shape == (12, 32, 32, 3) and np.isfinite(x).all()
     pixels = np.rint((x * data.std + data.mean) * 255).astype(np.int64)  # back to 0..255
     padded = np.pad(data.images.astype(np.int64), ((0, 0), (4, 4), (4, 4), (0, 0)))
@@ -280,3 +281,21 @@ def test_load_digits_noise():
         load_digits("validation")
     with pytest.raises(ValueError, match="batch_size"):
         load_digits(batch_size=0)
+
+
+def test_digits_train_small_cnn_end_to_end():
+    import keras
+
+    from keras_hesstrace.models import small_cnn
+
+    keras.utils.set_random_seed(0)
+    train, test = load_digits("train", batch_size=32), load_digits("test", batch_size=128)
+    model = small_cnn()
+    model.compile(
+        keras.optimizers.SGD(0.05, momentum=0.9),
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(train.dataset, epochs=2, verbose=0, shuffle=False)  # the pipeline shuffles
+    _, accuracy = model.evaluate(test.dataset, verbose=0)
+    assert accuracy > 0.8  # ~0.9+ after two epochs; chance is 0.1
