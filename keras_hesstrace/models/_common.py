@@ -7,9 +7,11 @@ leaf layer's path, as :func:`keras_hesstrace.groups.layer_groups` builds it by j
 names of nested layers with "/", reads ``stage2/block1/conv2``.
 """
 
+import math
 from collections.abc import Sequence
 
 import keras
+import numpy as np
 
 # PyTorch's BatchNorm2d defaults (running average weight 0.1 on the new batch, eps 1e-5),
 # so the models behave like the reference implementations the parameter counts come from.
@@ -34,7 +36,7 @@ def kernel_regularizer(weight_decay):
         ValueError: negative or non-finite ``weight_decay``.
     """
     wd = float(weight_decay)
-    if not (wd >= 0.0) or wd == float("inf"):
+    if not (math.isfinite(wd) and wd >= 0.0):
         raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}.")
     if wd == 0.0:
         return None
@@ -46,12 +48,14 @@ def check_common(num_classes, input_shape):
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
         raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(d, int) and d > 0 for d in shape):
+    if len(shape) != 3 or not all(
+        isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d > 0 for d in shape
+    ):
         raise ValueError(
             f"input_shape must be (height, width, channels) of positive ints "
             f"(channels-last), got {input_shape!r}."
         )
-    return shape
+    return tuple(int(d) for d in shape)
 
 
 def per_stage(flag, num_stages, what):
@@ -78,7 +82,7 @@ def per_stage(flag, num_stages, what):
     else:
         flags = (flag,) * num_stages
     for f in flags:
-        if not isinstance(f, bool) and type(f).__name__ != "bool_":  # numpy.bool_ is fine
+        if not isinstance(f, (bool, np.bool_)):
             raise ValueError(f"{what} entries must be bools, got {f!r} in {flag!r}.")
     return tuple(bool(f) for f in flags)
 

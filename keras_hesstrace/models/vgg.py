@@ -24,8 +24,8 @@ def vgg11(num_classes=10, input_shape=(32, 32, 3), weight_decay=0.0):
 
     For 32x32 inputs the last pool leaves 1x1x512, so the head is a single Dense layer of
     512 -> num_classes: 9,231,114 trainable parameters for 10 classes, as the usual PyTorch
-    CIFAR implementation. Other input sizes work if they are divisible by 32 (the head then
-    sees (H/32)(W/32)512 features).
+    CIFAR implementation. Larger inputs work too: the head then sees
+    floor(H/32) * floor(W/32) * 512 features.
 
     Args:
         num_classes: int >= 2, outputs of the ``head`` Dense layer (logits, no softmax).
