@@ -1,0 +1,365 @@
+"""Hessian-vector products of a Keras model's loss (Pearlmutter), compiled once per model.
+
+The loss is L(θ) = loss(y, model(x, training=False)) + sum(model.losses): the model's
+compiled loss (or the one given), reduced to a scalar as Keras reduces it, plus the
+regularisation losses. Normalisation layers run in inference mode, so BatchNorm uses
+its moving statistics and leaves them unchanged.
+
+Two ways to differentiate twice, which give the same vector:
+  - ``mode="reverse"``: reverse-over-reverse, ∇_θ(∇_θ L · v), two nested GradientTapes;
+  - ``mode="forward"``: forward-over-reverse, a ForwardAccumulator around the
+    gradient tape (the JVP of the gradient along v).
+"""
+
+import warnings
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from keras_hesstrace.groups import check_model
+
+MODES = ("reverse", "forward")
+_ZERO = tf.UnconnectedGradients.ZERO
+
+
+# --------------------------------------------------------------------------- loss
+
+
+class _MeanLoss:
+    """A per-sample loss function reduced as Keras reduces it ("sum_over_batch_size")."""
+
+    def __init__(self, fn, dtype):
+        self.fn = fn
+        self.dtype = dtype
+        self.__name__ = getattr(fn, "__name__", "loss")
+
+    def __call__(self, y_true, y_pred):
+        y_pred = tf.cast(y_pred, self.dtype)
+        if y_true.dtype.is_floating:
+            y_true = tf.cast(y_true, self.dtype)
+        return tf.reduce_mean(tf.cast(self.fn(y_true, y_pred), self.dtype))
+
+
+def resolve_loss(model, loss=None):
+    """The scalar loss function used for the Hessian.
+
+    Args:
+        model: the Keras model.
+        loss: ``None`` for the model's compiled loss; a ``keras.losses.Loss``
+            object; a loss name (``"sparse_categorical_crossentropy"``); or a
+            callable ``f(y_true, y_pred)``, reduced by its mean over all elements
+            as ``model.compile`` does.
+
+    Returns:
+        callable ``(y_true, y_pred) -> scalar tensor``.
+    """
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        if loss is None:
+            raise ValueError(
+                f"Model {model.name!r} has no compiled loss: compile it "
+                "(model.compile(loss=...)) or pass loss= (a keras.losses.Loss, a name, or a callable)."
+            )
+        if isinstance(loss, (dict, list, tuple)):
+            raise ValueError(
+                "The model was compiled with one loss per output; keras-hesstrace needs one "
+                "scalar loss: pass loss= a callable (y_true, y_pred) -> scalar."
+            )
+    dtype = _loss_dtype(model)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str):
+        try:
+            fn = keras.losses.get(loss)
+        except ValueError as err:
+            raise ValueError(f"Unknown loss {loss!r}: {err}") from None
+        if isinstance(fn, keras.losses.Loss):
+            return fn
+        return _MeanLoss(fn, dtype)
+    if callable(loss):
+        return _MeanLoss(loss, dtype)
+    raise TypeError(f"loss must be None, a keras.losses.Loss, a name or a callable, not {type(loss).__name__}.")
+
+
+def _loss_dtype(model):
+    """float64 for float64 models, else float32 (also under mixed precision)."""
+    return "float64" if any(v.dtype == "float64" for v in model.trainable_variables) else "float32"
+
+
+def loss_key(model, loss):
+    """A hashable key telling apart the losses a compiled function was built for."""
+    if loss is None:
+        loss = getattr(model, "loss", None)
+        return ("compiled", loss if isinstance(loss, str) else id(loss))
+    return ("given", loss if isinstance(loss, str) else id(loss))
+
+
+def make_objective(model, loss=None):
+    """The scalar objective ``(x, y) -> L`` (data loss + regularisation losses).
+
+    Raises ValueError at trace time when the loss is not a scalar.
+    """
+    loss_fn = resolve_loss(model, loss)
+    dtype = _loss_dtype(model)
+
+    def objective(x, y):
+        y_pred = model(x, training=False)
+        if isinstance(y_pred, tf.Tensor) and y_pred.dtype != dtype:
+            y_pred = tf.cast(y_pred, dtype)  # mixed precision: the loss in float32
+        value = loss_fn(y, y_pred)
+        value = tf.convert_to_tensor(value)
+        if value.shape.rank is None or value.shape.rank != 0:
+            raise ValueError(
+                f"The loss returned shape {value.shape}, not a scalar: use a reducing loss "
+                "(a keras.losses.Loss with its default reduction, or a callable reduced with a mean)."
+            )
+        value = tf.cast(value, dtype)
+        regularisers = model.losses
+        if regularisers:
+            value = value + tf.add_n([tf.cast(r, dtype) for r in regularisers])
+        return value
+
+    return objective
+
+
+# ---------------------------------------------------------------------- data checks
+
+
+def to_tensors(x, y):
+    """Convert x, y (arrays, tensors or nests of them) to tensors; check batch sizes agree."""
+    if y is None:
+        raise ValueError("y is required when x is an array or tensor (pass labels, or x as a dataset of (x, y) batches).")
+    x = tf.nest.map_structure(tf.convert_to_tensor, x)
+    y = tf.nest.map_structure(tf.convert_to_tensor, y)
+    sizes = {}
+    for name, nest in (("x", x), ("y", y)):
+        for t in tf.nest.flatten(nest):
+            if t.shape.rank == 0:
+                raise ValueError(f"{name} holds a scalar; expected a batch with a leading batch dimension.")
+            sizes.setdefault(name, set()).add(int(t.shape[0]))
+    all_sizes = sizes["x"] | sizes["y"]
+    if len(all_sizes) != 1:
+        raise ValueError(
+            f"x and y must have the same batch size: x has {sorted(sizes['x'])} examples, "
+            f"y has {sorted(sizes['y'])}."
+        )
+    if 0 in all_sizes:
+        raise ValueError("The batch is empty (0 examples).")
+    return x, y
+
+
+def batch_signature(x, y):
+    """TensorSpecs for x, y with the batch dimension left free (one trace for any batch size)."""
+
+    def spec(t):
+        return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
+
+    return tf.nest.map_structure(spec, x), tf.nest.map_structure(spec, y)
+
+
+def signature_key(signature):
+    flat = tf.nest.flatten(signature)
+    return (str(tf.nest.map_structure(lambda _: 0, signature)),) + tuple((tuple(s.shape.as_list()), s.dtype.name) for s in flat)
+
+
+def check_vector(variables, vector, name="vector"):
+    """Convert ``vector`` to tensors matching ``variables`` one to one; clear errors otherwise."""
+    if isinstance(vector, (tf.Tensor, np.ndarray)) or not isinstance(vector, (list, tuple)):
+        raise ValueError(
+            f"{name} must be a list of {len(variables)} arrays shaped like the variables "
+            f"(model.trainable_variables), not a {type(vector).__name__}."
+        )
+    if len(vector) != len(variables):
+        raise ValueError(f"{name} has {len(vector)} entries but there are {len(variables)} trainable variables.")
+    out = []
+    for i, (v, var) in enumerate(zip(vector, variables)):
+        t = tf.convert_to_tensor(v)
+        if tuple(t.shape) != tuple(var.shape):
+            raise ValueError(
+                f"{name}[{i}] has shape {tuple(t.shape)} but variable {var.path} has shape {tuple(var.shape)}."
+            )
+        out.append(tf.cast(t, var.dtype))
+    return out
+
+
+# ------------------------------------------------------------------------ operator
+
+
+def hvp_body(objective, variables, x, y, vector, mode):
+    """(loss, grads, Hv) for one vector; runs inside a tf.function.
+
+    Args:
+        objective: ``(x, y) -> scalar``.
+        variables: list of Keras variables (the block the Hessian is taken over).
+        vector: list of tensors shaped like ``variables``.
+        mode: "reverse" or "forward".
+    """
+    if mode == "reverse":
+        with tf.GradientTape() as outer:
+            with tf.GradientTape() as inner:
+                loss = objective(x, y)
+            grads = inner.gradient(loss, variables, unconnected_gradients=_ZERO)
+            gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vector)])
+        hv = outer.gradient(gv, variables, unconnected_gradients=_ZERO)
+    else:
+        # Keras 3 variables are not accepted as primals: pass the tf.Variables.
+        primals = [getattr(var, "value", var) for var in variables]
+        with tf.autodiff.ForwardAccumulator(primals, list(vector)) as acc:
+            with tf.GradientTape() as tape:
+                loss = objective(x, y)
+            grads = tape.gradient(loss, variables, unconnected_gradients=_ZERO)
+        hv = acc.jvp(grads, unconnected_gradients=_ZERO)
+    return loss, grads, list(hv)
+
+
+class HessianOperator:
+    """The Hessian of a model's loss (or its block over some variables), matrix-free.
+
+    Built once per (model, loss, block, mode, jit_compile) and reused: its compiled
+    functions take the batch with a free batch dimension, so repeated calls do not
+    retrace. Get one with :func:`hessian_operator` rather than constructing it.
+
+    Args:
+        model: a built Keras model.
+        loss: see :func:`resolve_loss`.
+        variable_indices: indices into ``model.trainable_variables`` of the block
+            (``None``: all). For a block, v and Hv live on these variables only and
+            the gradient is taken w.r.t. them only (H_SS v_S).
+        mode: "reverse" (reverse-over-reverse) or "forward" (forward-over-reverse).
+        jit_compile: compile with XLA.
+    """
+
+    def __init__(self, model, loss=None, variable_indices=None, mode="reverse", jit_compile=False):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+        check_model(model)
+        all_vars = list(model.trainable_variables)
+        if variable_indices is None:
+            variable_indices = tuple(range(len(all_vars)))
+        self.variable_indices = tuple(variable_indices)
+        self.variables = [all_vars[i] for i in self.variable_indices]
+        self.mode = mode
+        self.jit_compile = bool(jit_compile)
+        self.objective = make_objective(model, loss)
+        self._functions = {}
+
+    def _compiled(self, kind, signature, builder):
+        key = (kind, signature_key(signature))
+        fn = self._functions.get(key)
+        if fn is None:
+            fn = tf.function(builder(), input_signature=signature, jit_compile=self.jit_compile, reduce_retracing=False)
+            self._functions[key] = fn
+        return fn
+
+    def tracing_count(self):
+        """Total number of traces of this operator's compiled functions (for retrace checks)."""
+        return sum(fn.experimental_get_tracing_count() for fn in self._functions.values())
+
+    def matvec(self, x, y, vector):
+        """Hv on one batch.
+
+        Args:
+            x, y: one batch (tensors, arrays or nests) with equal leading dimension.
+            vector: list of tensors shaped like ``self.variables``.
+
+        Returns:
+            (hv, loss): list of tensors shaped like the variables, and the scalar loss.
+        """
+        x, y = to_tensors(x, y)
+        vector = check_vector(self.variables, vector)
+        xs, ys = batch_signature(x, y)
+        vs = [tf.TensorSpec(v.shape, v.dtype) for v in vector]
+        variables, objective, mode = self.variables, self.objective, self.mode
+
+        def builder():
+            def fn(x, y, vector):
+                loss, _, hv = hvp_body(objective, variables, x, y, vector, mode)
+                return hv, loss
+
+            return fn
+
+        fn = self._compiled("matvec", (xs, ys, vs), builder)
+        hv, loss = fn(x, y, vector)
+        return list(hv), loss
+
+    def probe_contractions(self, x, y, seed, probe, group_positions):
+        """One probe: draw v, compute Hv, and contract per variable.
+
+        Args:
+            x, y: one batch.
+            seed: int64 tensor [2], the probe's stateless seed.
+            probe: "rademacher" or "gaussian".
+            group_positions: tuple of tuples of positions into ``self.variables``.
+
+        Returns:
+            (s, total, loss): s float64 [G] with s_g = Σ_{var in g} <v_var, (Hv)_var>,
+            total = <v, Hv> over all variables of the operator, and the loss.
+        """
+        from keras_hesstrace.probes import draw_probe
+
+        xs, ys = batch_signature(x, y)
+        variables, objective, mode = self.variables, self.objective, self.mode
+
+        def builder():
+            def fn(x, y, seed):
+                v = draw_probe(variables, seed, probe)
+                loss, _, hv = hvp_body(objective, variables, x, y, v, mode)
+                per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
+                s = tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions])
+                return s, tf.add_n(per_var), tf.cast(loss, tf.float64)
+
+            return fn
+
+        fn = self._compiled(("probe", probe, group_positions), (xs, ys, tf.TensorSpec([2], tf.int64)), builder)
+        return fn(x, y, seed)
+
+
+_CACHE_ATTR = "_hesstrace_operators"
+
+
+def hessian_operator(model, loss=None, variable_indices=None, mode="reverse", jit_compile=False):
+    """The cached :class:`HessianOperator` for these settings (built on first use).
+
+    The cache lives on the model object (not in a module-level registry), so it is
+    freed with the model and holds no hidden global state.
+    """
+    check_model(model)
+    per_model = model.__dict__.get(_CACHE_ATTR)
+    if per_model is None:
+        per_model = {}
+        # Bypass Keras attribute tracking: this is not model state to save.
+        object.__setattr__(model, _CACHE_ATTR, per_model)
+    key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile))
+    op = per_model.get(key)
+    if op is None:
+        op = HessianOperator(model, loss, variable_indices, mode, jit_compile)
+        per_model[key] = op
+    return op
+
+
+def hvp(model, x, y, vector, loss=None, mode="reverse", jit_compile=False):
+    """Hessian-vector product H v of the model's loss on one batch.
+
+    Args:
+        model: a built ``keras.Model``; it runs with ``training=False``.
+        x: inputs, shape [batch, ...] (array, tensor or a nest of them).
+        y: targets, shape [batch, ...].
+        vector: list of arrays shaped like ``model.trainable_variables``.
+        loss: ``None`` (the compiled loss), a ``keras.losses.Loss``, a name or a
+            callable ``(y_true, y_pred)``; ``model.losses`` (regularisers) are added.
+        mode: "reverse" (reverse-over-reverse) or "forward" (forward-over-reverse).
+        jit_compile: compile the product with XLA.
+
+    Returns:
+        list of tensors shaped like ``model.trainable_variables``: H v.
+
+    Example:
+        >>> v = [tf.ones_like(w) for w in model.trainable_variables]   # doctest: +SKIP
+        >>> hv = keras_hesstrace.hvp(model, x, y, v)
+    """
+    op = hessian_operator(model, loss, None, mode, jit_compile)
+    hv, loss_value = op.matvec(x, y, vector)
+    if not np.isfinite(float(loss_value)):
+        warnings.warn(f"The loss is not finite ({float(loss_value)}): the Hessian-vector product is meaningless.", RuntimeWarning, stacklevel=2)
+    return hv

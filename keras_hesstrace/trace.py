@@ -1,0 +1,263 @@
+"""The single-pass layer-wise Hutchinson estimator of tr(H_ll).
+
+One probe v with i.i.d. Rademacher coordinates over ALL parameters, one HVP u = Hv,
+and s_l = <v_l, u_l> for every group l: E[s_l] = tr(H_ll) because the blocks of v are
+independent. M probes cost M HVPs for all groups together (METHOD.md §1).
+"""
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import tensorflow as tf
+import keras
+
+from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
+from keras_hesstrace.hvp import hessian_operator, to_tensors
+from keras_hesstrace.probes import check_probe, probe_seed
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    """Per-group Hutchinson trace estimates.
+
+    Attributes:
+        groups: group names, length G.
+        samples: float64 [M, G]; samples[m, l] = <v_l, (H v)_l> for probe m
+            (averaged over batches in the full-dataset mode).
+        total_samples: float64 [M]; <v, H v> over all trainable variables
+            (equals samples.sum(1) when the groups cover every variable).
+        group_sizes: int [G], scalar parameters per group.
+        loss: the loss at the parameters (mean over the batches used).
+        num_batches: batches averaged over (1 for a single batch).
+        probe: the probe distribution.
+        seed: the base seed; probe m used the stateless seed (seed, m).
+    """
+
+    groups: tuple
+    samples: np.ndarray
+    total_samples: np.ndarray
+    group_sizes: np.ndarray
+    loss: float
+    num_batches: int = 1
+    probe: str = "rademacher"
+    seed: int = 0
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_probes(self):
+        return int(self.samples.shape[0])
+
+    @property
+    def trace(self):
+        """float64 [G]: the estimate of tr(H_ll), the mean of the samples."""
+        return self.samples.mean(axis=0)
+
+    @property
+    def stderr(self):
+        """float64 [G]: the sample standard error of the mean over probes (NaN for M < 2)."""
+        return _stderr(self.samples)
+
+    @property
+    def total(self):
+        """The estimate of the full trace tr(H)."""
+        return float(self.total_samples.mean())
+
+    @property
+    def total_stderr(self):
+        return float(_stderr(self.total_samples[:, None])[0])
+
+    @property
+    def finite(self):
+        """False when the loss or any sample is NaN or infinite: then the numbers mean nothing."""
+        return bool(np.isfinite(self.loss) and np.all(np.isfinite(self.samples)) and np.all(np.isfinite(self.total_samples)))
+
+    def __getitem__(self, group):
+        """The trace estimate of one group, by name."""
+        try:
+            return float(self.trace[self.groups.index(group)])
+        except ValueError:
+            raise KeyError(f"No group {group!r}; groups are {list(self.groups)}") from None
+
+    def to_frame(self):
+        """A pandas DataFrame indexed by group: trace, stderr, rel_stderr, num_params, num_probes."""
+        trace, err = self.trace, self.stderr
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = np.abs(err / trace)
+        frame = pd.DataFrame(
+            {
+                "trace": trace,
+                "stderr": err,
+                "rel_stderr": rel,
+                "num_params": self.group_sizes,
+                "num_probes": self.num_probes,
+            },
+            index=pd.Index(list(self.groups), name="group"),
+        )
+        return frame
+
+    def __str__(self):
+        frame = self.to_frame()
+        lines = [frame.to_string(float_format=lambda v: f"{v:.4g}")]
+        lines.append(f"total trace {self.total:.6g} ± {self.total_stderr:.2g} (M={self.num_probes} probes, {self.num_batches} batch(es), loss {self.loss:.4g})")
+        if not self.finite:
+            lines.append("NOT FINITE: the loss or the Hessian has NaN/inf; these numbers are meaningless.")
+        return "\n".join(lines)
+
+
+def _stderr(samples):
+    m = samples.shape[0]
+    if m < 2:
+        return np.full(samples.shape[1], np.nan)
+    return samples.std(axis=0, ddof=1) / np.sqrt(m)
+
+
+def is_dataset(x, y):
+    """True when x is a tf.data.Dataset or an iterable of batches (y omitted)."""
+    if isinstance(x, tf.data.Dataset):
+        return True
+    if y is None and not isinstance(x, (np.ndarray, tf.Tensor, dict, keras.KerasTensor)) and hasattr(x, "__iter__"):
+        return True
+    return False
+
+
+def iterate_batches(data, num_batches=None):
+    """Yield (x, y) batches from a dataset or iterable, checking their structure.
+
+    Args:
+        data: ``tf.data.Dataset`` or iterable of (x, y) batches.
+        num_batches: the number of batches to take (``None``: all; required for an
+            infinite dataset).
+    """
+    if num_batches is not None and int(num_batches) < 1:
+        raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+    if isinstance(data, tf.data.Dataset):
+        if num_batches is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
+            raise ValueError("The dataset is infinite: pass num_batches.")
+        if num_batches is not None:
+            data = data.take(int(num_batches))
+    count = 0
+    for element in data:
+        if num_batches is not None and count >= int(num_batches):
+            break
+        if not isinstance(element, (tuple, list)) or len(element) != 2:
+            n = len(element) if isinstance(element, (tuple, list)) else 1
+            raise ValueError(
+                f"Each batch must be an (x, y) pair; got {n} element(s)"
+                + (" (sample weights are not supported)" if n == 3 else "")
+                + "."
+            )
+        count += 1
+        yield element[0], element[1]
+    if count == 0:
+        raise ValueError("The dataset yielded no batches.")
+
+
+def _progbar(total, verbose):
+    if verbose:
+        return keras.utils.Progbar(total, unit_name="hvp")
+    return None
+
+
+def layer_traces(
+    model,
+    x,
+    y=None,
+    num_probes=10,
+    groups="layer",
+    seed=None,
+    probe="rademacher",
+    loss=None,
+    num_batches=None,
+    mode="reverse",
+    jit_compile=False,
+    verbose="auto",
+):
+    """Estimate tr(H_ll) of every group at once: one HVP per probe.
+
+    Args:
+        model: a built ``keras.Model`` (run with ``training=False``).
+        x: a batch of inputs [batch, ...], or a ``tf.data.Dataset`` / iterable of
+            (x, y) batches (the full-dataset mode: each probe's sample is
+            averaged over the batches, weighted by batch size).
+        y: the batch's targets (omit when x is a dataset).
+        num_probes: M, the number of probes (HVPs per batch).
+        groups: a grouping for :func:`layer_groups` (``"layer"``, ``"variable"``,
+            a callable, a dict of patterns) or a mapping name -> variables.
+        seed: base seed (int); probe m uses the stateless seed (seed, m), so the
+            same seed gives the same probes. ``None`` draws one (kept in the result).
+        probe: "rademacher" (default, minimum variance) or "gaussian".
+        loss: ``None`` for the compiled loss, or a Loss object, name or callable.
+        num_batches: in the dataset mode, the number of batches to use (default all).
+        mode: "reverse" or "forward" HVP.
+        jit_compile: XLA-compile the probe.
+        verbose: 0, 1, or "auto" (a progress bar in the dataset mode).
+
+    Returns:
+        :class:`TraceResult`; ``result.to_frame()`` gives a pandas table. A
+        non-finite loss or Hessian gives ``result.finite == False`` and a warning.
+
+    Example:
+        >>> result = layer_traces(model, x, y, num_probes=10, seed=0)   # doctest: +SKIP
+        >>> result.to_frame()[["trace", "stderr"]]
+    """
+    num_probes = int(num_probes)
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+    check_probe(probe)
+    mapping = layer_groups(model, by=groups)
+    names, indices = group_indices(model, mapping)
+    sizes = group_sizes(mapping)
+    op = hessian_operator(model, loss, None, mode, jit_compile)
+    if seed is None:
+        seed = int(np.random.SeedSequence().entropy % (2**62))
+    seeds = [probe_seed(seed, m) for m in range(num_probes)]
+
+    dataset_mode = is_dataset(x, y)
+    if dataset_mode:
+        batches = iterate_batches(x, num_batches)
+        total_steps = None if num_batches is None else int(num_batches) * num_probes
+        show = verbose == 1 or (verbose == "auto")
+    else:
+        batches = [to_tensors(x, y)]
+        total_steps = num_probes
+        show = verbose == 1
+    bar = _progbar(total_steps, show)
+
+    samples = np.zeros((num_probes, len(names)))
+    totals = np.zeros(num_probes)
+    loss_sum, weight_sum, n_batches, done = 0.0, 0, 0, 0
+    for xb, yb in batches:
+        xb, yb = to_tensors(xb, yb)
+        weight = int(tf.nest.flatten(yb)[0].shape[0])
+        for m, s in enumerate(seeds):
+            s_g, total, loss_value = op.probe_contractions(xb, yb, s, probe, indices)
+            samples[m] += weight * s_g.numpy()
+            totals[m] += weight * float(total)
+            if m == 0:
+                loss_sum += weight * float(loss_value)
+            done += 1
+            if bar is not None:
+                bar.update(done)
+        weight_sum += weight
+        n_batches += 1
+    samples /= weight_sum
+    totals /= weight_sum
+    result = TraceResult(
+        groups=names,
+        samples=samples,
+        total_samples=totals,
+        group_sizes=sizes,
+        loss=loss_sum / weight_sum,
+        num_batches=n_batches,
+        probe=probe,
+        seed=int(seed),
+    )
+    if not result.finite:
+        warnings.warn(
+            f"Non-finite Hessian trace (loss {result.loss}): the result is flagged finite=False.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return result

@@ -1,0 +1,134 @@
+"""hvp() against the exact Hessian (tape.jacobian of the gradient), float64, both modes."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_hesstrace as kh
+import models_for_tests as mt
+from reference import exact_hessian, flatten, unflatten, xent64
+
+MODES = ["reverse", "forward"]
+
+
+def _check_hvp(model, x, y, mode, seed=0, rtol=1e-10):
+    loss = xent64()
+    H = exact_hessian(model, x, y, loss)
+    np.testing.assert_allclose(H, H.T, atol=1e-12)
+    rng = np.random.default_rng(seed)
+    v = rng.normal(size=H.shape[0])
+    hv = kh.hvp(model, x, y, unflatten(v, model.trainable_variables), loss=loss, mode=mode)
+    assert [tuple(t.shape) for t in hv] == [tuple(w.shape) for w in model.trainable_variables]
+    np.testing.assert_allclose(flatten(hv), H @ v, rtol=rtol, atol=1e-12 * np.abs(H @ v).max())
+    return H
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mlp(mode):
+    model = mt.mlp()
+    x, y = mt.data()
+    _check_hvp(model, x, y, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cnn_with_batchnorm_uses_and_keeps_moving_statistics(mode):
+    model = mt.cnn_bn()
+    x, y = mt.data(shape=(6, 6, 2))
+    bn = model.get_layer("bn")
+    before = [w.numpy().copy() for w in (bn.moving_mean, bn.moving_variance)]
+    _check_hvp(model, x, y, mode)
+    after = [w.numpy() for w in (bn.moving_mean, bn.moving_variance)]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    # BN's moving statistics are not trainable: only gamma and beta are in the Hessian.
+    assert sum(1 for w in model.trainable_variables if "bn" in w.path) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_l2_regularisers_add_two_lambda_to_the_diagonal(mode):
+    lam = 0.03125  # exact in float32: Keras keeps the L2 factor as float32
+    model = mt.mlp(l2=lam)
+    x, y = mt.data()
+    loss = xent64()
+    H = _check_hvp(model, x, y, mode)
+    H_data = exact_hessian(model, x, y, loss, include_regularisers=False)
+    diff = H - H_data
+    is_reg_kernel = np.concatenate(
+        [np.full(int(np.prod(w.shape)), w.path.endswith("kernel") and not w.path.startswith("hidden2")) for w in model.trainable_variables]
+    )
+    np.testing.assert_allclose(np.diag(diff)[is_reg_kernel], 2 * lam, rtol=1e-10)
+    np.testing.assert_allclose(np.diag(diff)[~is_reg_kernel], 0.0, atol=1e-12)
+    np.testing.assert_allclose(diff - np.diag(np.diag(diff)), 0.0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_shared_layer(mode):
+    model = mt.shared()
+    x, y = mt.data(shape=(4,))
+    _check_hvp(model, x, y, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nested_model(mode):
+    model = mt.nested()
+    x, y = mt.data()
+    _check_hvp(model, x, y, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_subclassed_model(mode):
+    model = mt.subclassed()
+    x, y = mt.data()
+    _check_hvp(model, x, y, mode)
+
+
+def test_compiled_loss_is_the_default_and_named_losses_work():
+    model = mt.mlp()
+    x, y = mt.data()
+    v = [np.ones(w.shape) for w in model.trainable_variables]
+    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64"))
+    compiled = flatten(kh.hvp(model, x, y, v))
+    given = flatten(kh.hvp(model, x, y, v, loss=xent64()))
+    np.testing.assert_allclose(compiled, given, rtol=1e-12)
+    # A plain function is reduced by its mean, as model.compile does.
+    fn = lambda yt, yp: keras.losses.sparse_categorical_crossentropy(yt, yp, from_logits=True)  # noqa: E731
+    np.testing.assert_allclose(flatten(kh.hvp(model, x, y, v, loss=fn)), given, rtol=1e-10)
+
+
+def test_jit_compile_gives_the_same_vector():
+    model = mt.mlp()
+    x, y = mt.data()
+    v = [np.full(w.shape, 0.5) for w in model.trainable_variables]
+    plain = flatten(kh.hvp(model, x, y, v, loss=xent64()))
+    xla = flatten(kh.hvp(model, x, y, v, loss=xent64(), jit_compile=True))
+    np.testing.assert_allclose(xla, plain, rtol=1e-9, atol=1e-12)
+
+
+def test_float32_model_matches_to_float32_accuracy():
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"), keras.layers.Dense(3)])
+    x, y = mt.data()
+    x = x.astype("float32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    H = exact_hessian(model, x, y, loss)
+    v = np.random.default_rng(1).normal(size=H.shape[0])
+    for mode in MODES:
+        hv = flatten(kh.hvp(model, x, y, unflatten(v, model.trainable_variables), loss=loss, mode=mode))
+        np.testing.assert_allclose(hv, H @ v, rtol=1e-4, atol=1e-5)
+
+
+def test_wrong_vector_structure_is_refused_by_name():
+    model = mt.mlp()
+    x, y = mt.data()
+    v = [np.ones(w.shape) for w in model.trainable_variables]
+    with pytest.raises(ValueError, match="5 entries but there are 6"):
+        kh.hvp(model, x, y, v[:-1], loss=xent64())
+    bad = list(v)
+    bad[2] = np.ones((2, 2))
+    with pytest.raises(ValueError, match=r"vector\[2\] has shape \(2, 2\).*hidden2/kernel"):
+        kh.hvp(model, x, y, bad, loss=xent64())
+    with pytest.raises(ValueError, match="list of 6 arrays"):
+        kh.hvp(model, x, y, np.ones(10), loss=xent64())
+    with pytest.raises(ValueError, match="mode must be"):
+        kh.hvp(model, x, y, v, loss=xent64(), mode="sideways")

@@ -1,0 +1,198 @@
+"""layer_traces against exact block traces; the weight-sharing bias; retracing; bad input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_hesstrace as kh
+import models_for_tests as mt
+from keras_hesstrace.hvp import hessian_operator
+from keras_hesstrace.probes import draw_probe, probe_seed
+from keras_hesstrace.variance import block_traces
+from reference import exact_hessian, flatten, group_block_sizes, xent64
+
+
+def _exact_block_traces(model, x, y, groups="layer"):
+    H = exact_hessian(model, x, y, xent64())
+    mapping = kh.layer_groups(model, groups)
+    return H, block_traces(H, group_block_sizes(mapping)), mapping
+
+
+@pytest.mark.parametrize("factory,shape", [(mt.mlp, (5,)), (mt.cnn_bn, (6, 6, 2)), (mt.nested, (5,))])
+def test_each_group_within_four_standard_errors_of_its_exact_block_trace(factory, shape):
+    model = factory()
+    x, y = mt.data(shape=shape)
+    H, exact, mapping = _exact_block_traces(model, x, y)
+    r = kh.layer_traces(model, x, y, num_probes=400, seed=7, loss=xent64())
+    assert r.groups == tuple(mapping)
+    assert r.samples.shape == (400, len(mapping))
+    assert np.all(r.stderr > 0)
+    z = (r.trace - exact) / r.stderr
+    assert np.all(np.abs(z) < 4), (r.trace, exact, r.stderr)
+    # The groups cover every variable, so their traces add up to the full trace.
+    assert abs(r.total - np.trace(H)) < 4 * r.total_stderr
+
+
+def test_per_probe_samples_are_exact_contractions_and_sum_to_vHv():
+    model = mt.mlp()
+    x, y = mt.data()
+    H, _, mapping = _exact_block_traces(model, x, y)
+    r = kh.layer_traces(model, x, y, num_probes=5, seed=11, loss=xent64())
+    edges = np.cumsum([0] + group_block_sizes(mapping))
+    for m in range(5):
+        v = flatten(draw_probe(model.trainable_variables, probe_seed(11, m)))
+        assert set(np.unique(v)) == {-1.0, 1.0}
+        hv = H @ v
+        expected = [v[a:b] @ hv[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        np.testing.assert_allclose(r.samples[m], expected, rtol=1e-10)
+        np.testing.assert_allclose(r.samples[m].sum(), v @ hv, rtol=1e-10)
+        np.testing.assert_allclose(r.total_samples[m], v @ hv, rtol=1e-10)
+
+
+def test_same_seed_same_result_and_gaussian_probes():
+    model = mt.mlp()
+    x, y = mt.data()
+    a = kh.layer_traces(model, x, y, num_probes=3, seed=5, loss=xent64())
+    b = kh.layer_traces(model, x, y, num_probes=3, seed=5, loss=xent64())
+    np.testing.assert_array_equal(a.samples, b.samples)
+    c = kh.layer_traces(model, x, y, num_probes=3, seed=6, loss=xent64())
+    assert not np.allclose(a.samples, c.samples)
+    H, exact, _ = _exact_block_traces(model, x, y)
+    g = kh.layer_traces(model, x, y, num_probes=400, seed=1, probe="gaussian", loss=xent64())
+    assert np.all(np.abs(g.trace - exact) < 4 * g.stderr)
+
+
+def test_weight_sharing_estimator_finds_the_shared_block_and_unrolling_misses_it():
+    model = mt.shared(seed=4)
+    groups = kh.layer_groups(model)
+    assert list(groups) == ["shared", "head"]
+    assert len(groups["shared"]) == 2  # kernel and bias once, though the layer is called twice
+
+    model = mt.shared_scale(seed=2)
+    x, y = mt.data(shape=(4,), seed=2)
+    H, exact, mapping = _exact_block_traces(model, x, y)
+    assert list(mapping) == ["mix", "shared", "head"]
+    r = kh.layer_traces(model, x, y, num_probes=800, seed=3, loss=xent64())
+    est, se = r["shared"], r.stderr[1]
+    assert abs(est - exact[1]) < 4 * se
+    # Unrolled: the two calls as independent copies; the sum of their diagonal blocks
+    # drops the cross-instance blocks 2 tr(H_12).
+    copy = mt.shared_scale(seed=2, unrolled=True)
+    mt.copy_weights(model, copy)
+    np.testing.assert_allclose(copy(x).numpy(), model(x).numpy(), rtol=1e-12)
+    Hu = exact_hessian(copy, x, y, xent64())
+    unrolled_groups = kh.layer_groups(copy)
+    unrolled_traces = dict(zip(unrolled_groups, block_traces(Hu, group_block_sizes(unrolled_groups))))
+    unrolled = unrolled_traces["shared"] + unrolled_traces["shared2"]
+    assert abs(unrolled - est) > 10 * se, (unrolled, est, se, exact[1])
+    # ...and the gap is exactly the cross-instance term 2 tr(H_12) of the unrolled model.
+    pos = {name: i for i, name in enumerate(unrolled_groups)}
+    edges = np.cumsum([0] + group_block_sizes(unrolled_groups))
+    a = slice(edges[pos["shared"]], edges[pos["shared"] + 1])
+    b = slice(edges[pos["shared2"]], edges[pos["shared2"] + 1])
+    np.testing.assert_allclose(exact[1], unrolled + 2 * np.trace(Hu[a, b]), rtol=1e-9)
+
+
+def test_stage_and_variable_groupings():
+    model = mt.nested()
+    x, y = mt.data()
+    H = exact_hessian(model, x, y, xent64())
+    stages = {"inner/*": "inner", "stem": "rest", "head": "rest"}
+    mapping = kh.layer_groups(model, stages)
+    assert list(mapping) == ["rest", "inner"]
+    r = kh.layer_traces(model, x, y, num_probes=300, seed=2, groups=stages, loss=xent64())
+    pos = {id(v): i for i, v in enumerate(model.trainable_variables)}
+    sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
+    edges = np.cumsum([0] + sizes)
+    diag = np.diag(H)
+    for name, vs in mapping.items():
+        exact = sum(diag[edges[pos[id(v)]] : edges[pos[id(v)] + 1]].sum() for v in vs)
+        assert abs(r[name] - exact) < 4 * r.stderr[r.groups.index(name)]
+    rv = kh.layer_traces(model, x, y, num_probes=2, seed=2, groups="variable", loss=xent64())
+    assert len(rv.groups) == len(model.trainable_variables)
+
+
+def test_dataset_mode_averages_batches_weighted_by_size():
+    model = mt.mlp()
+    x, y = mt.data(n=20)
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)  # 8, 8, 4
+    H_full = exact_hessian(model, x, y, xent64())
+    r = kh.layer_traces(model, ds, num_probes=4, seed=9, loss=xent64(), verbose=0)
+    assert r.num_batches == 3
+    for m in range(4):
+        v = flatten(draw_probe(model.trainable_variables, probe_seed(9, m)))
+        np.testing.assert_allclose(r.total_samples[m], v @ H_full @ v, rtol=1e-9)
+    # An iterable of batches works too; num_batches limits it.
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    r2 = kh.layer_traces(model, batches, num_probes=4, seed=9, loss=xent64(), num_batches=2, verbose=0)
+    H_two = exact_hessian(model, x[:16], y[:16], xent64())
+    v = flatten(draw_probe(model.trainable_variables, probe_seed(9, 0)))
+    assert r2.num_batches == 2
+    np.testing.assert_allclose(r2.total_samples[0], v @ H_two @ v, rtol=1e-9)
+
+
+def test_no_retracing_for_repeated_calls_and_new_batch_sizes():
+    model = mt.mlp()
+    x, y = mt.data(n=16)
+    kh.layer_traces(model, x, y, num_probes=2, seed=0, loss="sparse_categorical_crossentropy")  # warm-up; a name is its own key
+    op = hessian_operator(model, "sparse_categorical_crossentropy")
+    count = op.tracing_count()
+    assert count == 1
+    for seed in range(3):
+        kh.layer_traces(model, x, y, num_probes=3, seed=seed, loss="sparse_categorical_crossentropy")
+    kh.layer_traces(model, x[:5], y[:5], num_probes=2, seed=0, loss="sparse_categorical_crossentropy")
+    assert op.tracing_count() == count
+
+
+def test_to_frame_and_str():
+    model = mt.mlp()
+    x, y = mt.data()
+    r = kh.layer_traces(model, x, y, num_probes=3, seed=0, loss=xent64())
+    frame = r.to_frame()
+    assert list(frame.columns) == ["trace", "stderr", "rel_stderr", "num_params", "num_probes"]
+    assert list(frame.index) == ["hidden", "hidden2", "head"]
+    assert frame["num_params"].tolist() == [36, 28, 15]
+    np.testing.assert_allclose(frame["trace"].to_numpy(), r.trace)
+    assert "total trace" in str(r)
+    with pytest.raises(KeyError, match="No group 'nope'"):
+        r["nope"]
+    one = kh.layer_traces(model, x, y, num_probes=1, seed=0, loss=xent64())
+    assert np.all(np.isnan(one.stderr))
+
+
+def test_bad_input_is_named():
+    model = mt.mlp()
+    x, y = mt.data()
+    with pytest.raises(ValueError, match="same batch size: x has \\[12\\] examples, y has \\[11\\]"):
+        kh.layer_traces(model, x, y[:-1], loss=xent64())
+    with pytest.raises(ValueError, match="num_probes must be >= 1"):
+        kh.layer_traces(model, x, y, num_probes=0, loss=xent64())
+    with pytest.raises(ValueError, match="probe must be one of"):
+        kh.layer_traces(model, x, y, probe="uniform", loss=xent64())
+    with pytest.raises(ValueError, match="no compiled loss"):
+        kh.layer_traces(model, x, y)
+    with pytest.raises(ValueError, match="not a scalar"):
+        kh.layer_traces(model, x, y, loss=keras.losses.MeanSquaredError(reduction=None))
+    frozen = mt.mlp()
+    frozen.trainable = False
+    with pytest.raises(ValueError, match="no trainable variables"):
+        kh.layer_traces(frozen, x, y, loss=xent64())
+    unbuilt = keras.Sequential([keras.layers.Dense(3)])
+    with pytest.raises(ValueError, match="not built"):
+        kh.layer_traces(unbuilt, x, y, loss=xent64())
+    with pytest.raises(ValueError, match="yielded no batches"):
+        kh.layer_traces(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(4).take(0), loss=xent64())
+    with pytest.raises(ValueError, match="sample weights are not supported"):
+        kh.layer_traces(model, [(x, y, np.ones(12))], loss=xent64())
+
+
+def test_non_finite_loss_is_flagged_not_silent():
+    model = mt.mlp()
+    x, y = mt.data()
+    x = x.copy()
+    x[0, 0] = np.nan
+    with pytest.warns(RuntimeWarning, match="Non-finite"):
+        r = kh.layer_traces(model, x, y, num_probes=2, seed=0, loss=xent64())
+    assert not r.finite
+    assert "NOT FINITE" in str(r)
