@@ -3,8 +3,10 @@
 Public API:
     Baseline, PageHinkley, PageHinkleyResult, page_hinkley_statistics, run_lengths
     calibrate_threshold, Calibration, GroupCalibration
+    HessianTraceCallback
 """
 
+from keras_hesstrace.monitor.callback import HessianTraceCallback
 from keras_hesstrace.monitor.calibration import (
     Calibration,
     GroupCalibration,
@@ -22,6 +24,7 @@ __all__ = [
     "Baseline",
     "Calibration",
     "GroupCalibration",
+    "HessianTraceCallback",
     "PageHinkley",
     "PageHinkleyResult",
     "calibrate_threshold",
