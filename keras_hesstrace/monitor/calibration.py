@@ -1,0 +1,514 @@
+"""Calibrate the Page-Hinkley threshold h on clean runs (METHOD.md §3).
+
+For each monitored group:
+
+1. Leave-one-out standardisation: clean run i is standardised with the baseline
+   (mu0_t, sigma0_t) of the other N-1 runs, so its z are out-of-sample, as a new run's
+   will be.
+2. The LOO z of all runs are pooled.
+3. The in-control average run length ARL0(h) is estimated by running the recursion on
+   ``n_resamples`` sequences drawn i.i.d. (with replacement) from the pool, each up to
+   ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
+   censored and ARL0 = total snapshots observed / alerts, the geometric maximum-likelihood
+   estimate, which is unbiased for censoring that rare).
+4. h is bisected until ARL0(h) = target. The resampled sequences are drawn once (fixed
+   seed) and reused for every h, so ARL0(h) is monotone in h and the bisection is exact
+   for that sample.
+
+The ``Calibration`` also reports what a user needs to judge the threshold: the expected
+false-alarm probability within a run of T snapshots, 1 - (1 - 1/ARL0)^T; the empirical
+LOO false-alarm rate of the real clean runs with its Wilson interval; and the lag-1
+autocorrelation of the pooled z with its test (the i.i.d. resampling assumes none;
+a small p-value means real runs will false-alarm more often than ARL0 says).
+"""
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+
+from keras_hesstrace import stats
+from keras_hesstrace.monitor.detector import (
+    Baseline,
+    PageHinkley,
+    _as_trajectories,
+    apply_transform,
+    check_transform,
+    run_lengths,
+)
+
+_FORMAT = "keras-hesstrace-calibration"
+_VERSION = 1
+_CHUNK_ELEMENTS = 2_000_000  # sequences x snapshots simulated at once (16 MB per array)
+
+
+def loo_standardize(trajectories, transform=None, ddof=1):
+    """Leave-one-out z of each clean run.
+
+    Args:
+        trajectories: 2-D array [N, T] (trailing-NaN padded) or N 1-D arrays [T_i];
+            N >= 3.
+        transform: None or ``"log"``.
+        ddof: of the baselines' standard deviations.
+
+    Returns:
+        list of N float64 arrays; run i's array holds its z at snapshots
+        0..T_i'-1, where T_i' <= T_i stops at the first snapshot that fewer than two
+        other runs reach.
+
+    Raises:
+        ValueError: fewer than three runs, or zero spread among the other runs at a
+            snapshot (run and snapshot named).
+    """
+    check_transform(transform)
+    runs = [apply_transform(r, transform, what="clean-run value")
+            for r in _as_trajectories(trajectories)]
+    n = len(runs)
+    if n < 3:
+        raise ValueError(
+            f"Leave-one-out calibration needs at least three clean runs (each run is "
+            f"standardised with the other runs' baseline, which needs two), got {n}."
+        )
+    T = max(len(r) for r in runs)
+    padded = np.full((n, T), np.nan)
+    for i, r in enumerate(runs):
+        padded[i, : len(r)] = r
+    out = []
+    for i, r in enumerate(runs):
+        others = np.delete(padded, i, axis=0)
+        count = np.sum(~np.isnan(others[:, : len(r)]), axis=0)
+        usable = int(np.argmin(count >= 2)) if np.any(count < 2) else len(r)
+        others = others[:, :usable]
+        mu = np.nanmean(others, axis=0)
+        sd = np.nanstd(others, axis=0, ddof=ddof)
+        zero = np.flatnonzero(~(sd > 0))
+        if zero.size:
+            raise ValueError(
+                f"The clean runs other than run {i} have zero spread at snapshot "
+                f"{int(zero[0])}: cannot standardise."
+            )
+        out.append((r[:usable] - mu) / sd)
+    return out
+
+
+class _Resampled:
+    """Running maxima of max(g+, g-) for i.i.d. resampled z, kept as their records.
+
+    The running maximum M_t of each sequence is non-decreasing, so the run length for
+    any h is the time of the first record of M above h. Keeping only the records (value
+    and time at each increase of M) makes ARL0(h) cheap to evaluate for many h.
+    """
+
+    def __init__(self, pool, delta, n_sequences, length, seed):
+        rng = np.random.default_rng(seed)
+        self.length = int(length)
+        self.n_sequences = int(n_sequences)
+        per_chunk = max(1, _CHUNK_ELEMENTS // self.length)
+        values, times, counts = [], [], []
+        done = 0
+        while done < self.n_sequences:
+            c = min(per_chunk, self.n_sequences - done)
+            z = pool[rng.integers(0, pool.size, size=(c, self.length))]
+            # Lindley's closed form, as in detector.page_hinkley_statistics, in place.
+            stat = None
+            for sign in (1.0, -1.0):
+                w = np.cumsum(sign * z - delta, axis=1)
+                low = np.minimum.accumulate(np.minimum(w, 0.0), axis=1)
+                w -= low
+                stat = w if stat is None else np.maximum(stat, w, out=stat)
+            run_max = np.maximum.accumulate(stat, axis=1)
+            is_record = np.empty(run_max.shape, dtype=bool)
+            is_record[:, 0] = True
+            np.greater(run_max[:, 1:], run_max[:, :-1], out=is_record[:, 1:])
+            rows, cols = np.nonzero(is_record)  # row-major: grouped by sequence, in time
+            values.append(run_max[rows, cols])
+            times.append(cols + 1)
+            counts.append(is_record.sum(axis=1))
+            done += c
+        self.values = np.concatenate(values)
+        self.times = np.concatenate(times).astype(np.float64)
+        self.counts = np.concatenate(counts)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+
+    def run_lengths(self, h):
+        """[n_sequences] run lengths at threshold h, NaN where censored."""
+        below = np.add.reduceat((self.values <= h).astype(np.int64), self.starts)
+        censored = below >= self.counts
+        idx = np.minimum(self.starts + below, self.values.size - 1)
+        return np.where(censored, np.nan, self.times[idx])
+
+    def arl(self, h):
+        """ARL0(h): observed snapshots / alerts (geometric MLE under censoring)."""
+        rl = self.run_lengths(h)
+        alerts = int(np.sum(~np.isnan(rl)))
+        if alerts == 0:
+            return math.inf
+        return float(np.nansum(rl) + self.length * (rl.size - alerts)) / alerts
+
+    def censored_fraction(self, h):
+        return float(np.mean(np.isnan(self.run_lengths(h))))
+
+
+@dataclass
+class GroupCalibration:
+    """Calibration results for one group.
+
+    Attributes:
+        group: the group name.
+        threshold: the calibrated h.
+        arl0: ARL0(h) estimated on the resamples (equals the target up to bisection
+            tolerance and the step size of the empirical ARL0(h)).
+        baseline: ``Baseline`` from all N clean runs (what the detector uses).
+        n_runs: N, clean runs.
+        n_z: pooled leave-one-out z values.
+        horizon: T, snapshots of a run for the false-alarm probability (the baseline's
+            length unless given).
+        false_alarm_prob: expected false-alarm probability within T snapshots,
+            1 - (1 - 1/arl0)^T.
+        loo_false_alarms: clean runs whose LOO z alert within their length.
+        loo_false_alarm_rate: loo_false_alarms / n_runs.
+        loo_false_alarm_ci: Wilson interval of that rate at the calibration's confidence.
+        loo_alert_indices: per run, the 1-based snapshot of its LOO false alarm or None.
+        lag1_r, lag1_pvalue: lag-1 autocorrelation of the pooled z (pairs within runs)
+            and the p-value of the Bartlett/Box-Pierce test of independence.
+        censored_fraction: share of resampled sequences without an alert within
+            ``max_length`` at h (should be ~0).
+    """
+
+    group: str
+    threshold: float
+    arl0: float
+    baseline: Baseline
+    n_runs: int
+    n_z: int
+    horizon: int
+    false_alarm_prob: float
+    loo_false_alarms: int
+    loo_false_alarm_rate: float
+    loo_false_alarm_ci: Tuple[float, float]
+    loo_alert_indices: list
+    lag1_r: float
+    lag1_pvalue: float
+    censored_fraction: float
+
+    def expected_false_alarm_prob(self, horizon):
+        """1 - (1 - 1/ARL0)^horizon for another run length (in snapshots)."""
+        return _false_alarm_prob(self.arl0, horizon)
+
+    def to_dict(self):
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "baseline"}
+        d["loo_false_alarm_ci"] = list(self.loo_false_alarm_ci)
+        d["baseline"] = self.baseline.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        d["baseline"] = Baseline.from_dict(d["baseline"])
+        d["loo_false_alarm_ci"] = tuple(d["loo_false_alarm_ci"])
+        return cls(**d)
+
+
+def _false_alarm_prob(arl0, horizon):
+    if math.isinf(arl0):
+        return 0.0
+    return float(1.0 - (1.0 - 1.0 / arl0) ** horizon)
+
+
+@dataclass
+class Calibration:
+    """Calibrated thresholds and baselines for one or more groups.
+
+    Made by ``calibrate_threshold``; ``save``/``load`` as JSON. The detector for a
+    group is ``calibration.detector(group)``. ``check_compatible`` refuses use with
+    other groups or another snapshot interval.
+
+    Attributes:
+        groups: calibrated group names, in order.
+        every_n_steps: optimiser steps between the snapshots of the clean runs (None if
+            not given: then any interval is accepted).
+        target_arl0: target in-control ARL, in snapshots.
+        delta: the allowance used.
+        transform: None or ``"log"``.
+        n_resamples, max_length, seed, confidence: the calibration's settings.
+        results: group -> ``GroupCalibration``.
+
+    Example:
+        >>> cal = calibrate_threshold({"dense_1": clean_runs}, target_arl0=500,
+        ...                           every_n_steps=100)        # doctest: +SKIP
+        >>> cal.thresholds, cal.save("head.json")              # doctest: +SKIP
+        >>> ph = Calibration.load("head.json").detector("dense_1")  # doctest: +SKIP
+    """
+
+    groups: Tuple[str, ...]
+    every_n_steps: Optional[int]
+    target_arl0: float
+    delta: float
+    transform: Optional[str]
+    n_resamples: int
+    max_length: int
+    seed: int
+    confidence: float
+    results: Dict[str, GroupCalibration] = field(default_factory=dict)
+
+    def __getitem__(self, group):
+        try:
+            return self.results[group]
+        except KeyError:
+            raise KeyError(f"No calibration for group {group!r}; calibrated groups: "
+                           f"{list(self.groups)}.") from None
+
+    @property
+    def thresholds(self):
+        """dict group -> h."""
+        return {g: self.results[g].threshold for g in self.groups}
+
+    def _only(self):
+        if len(self.groups) != 1:
+            raise ValueError(f"This calibration has {len(self.groups)} groups "
+                             f"{list(self.groups)}: name one.")
+        return self.groups[0]
+
+    @property
+    def threshold(self):
+        """h of the only group (ValueError when there are several)."""
+        return self.results[self._only()].threshold
+
+    def detector(self, group=None, overrun="error"):
+        """A fresh ``PageHinkley`` with the group's h and baseline.
+
+        Args:
+            group: group name; may be omitted when only one group was calibrated.
+            overrun: passed to ``PageHinkley``.
+        """
+        group = self._only() if group is None else group
+        res = self[group]
+        return PageHinkley(delta=self.delta, threshold=res.threshold,
+                           baseline=res.baseline, overrun=overrun)
+
+    def detectors(self, overrun="error"):
+        """dict group -> fresh ``PageHinkley`` for every calibrated group."""
+        return {g: self.detector(g, overrun) for g in self.groups}
+
+    def check_compatible(self, groups, every_n_steps):
+        """Raise ``ValueError`` unless the calibration fits this monitoring setup.
+
+        Compatible means: every calibrated group is among ``groups`` (the groups the
+        caller records; extra recorded groups are fine, they just have no detector),
+        and ``every_n_steps`` equals the calibration's interval (when the calibration
+        recorded one).
+
+        Args:
+            groups: iterable of group names the caller records.
+            every_n_steps: the caller's snapshot interval in optimiser steps.
+
+        Raises:
+            ValueError: naming the missing group(s) and/or both intervals.
+        """
+        available = list(groups)
+        problems = []
+        missing = [g for g in self.groups if g not in set(available)]
+        if missing:
+            problems.append(
+                f"it was made for group(s) {missing} that are not recorded here "
+                f"(recorded groups: {available})"
+            )
+        if self.every_n_steps is not None and every_n_steps != self.every_n_steps:
+            problems.append(
+                f"it was made with snapshots every {self.every_n_steps} steps, but "
+                f"snapshots here are every {every_n_steps} steps (the baseline is "
+                "indexed by snapshot, so the intervals must match)"
+            )
+        if problems:
+            raise ValueError("Calibration does not fit: " + "; and ".join(problems) + ".")
+
+    def to_dict(self):
+        """JSON-compatible dict; ``Calibration.from_dict`` inverts it."""
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "groups": list(self.groups),
+            "every_n_steps": self.every_n_steps,
+            "target_arl0": self.target_arl0,
+            "delta": self.delta,
+            "transform": self.transform,
+            "n_resamples": self.n_resamples,
+            "max_length": self.max_length,
+            "seed": self.seed,
+            "confidence": self.confidence,
+            "results": {g: self.results[g].to_dict() for g in self.groups},
+        }
+
+    @classmethod
+    def from_dict(cls, d):
+        if d.get("format") != _FORMAT:
+            raise ValueError(f"Not a keras-hesstrace calibration (format={d.get('format')!r}).")
+        if d.get("version") != _VERSION:
+            raise ValueError(f"Unsupported calibration version {d.get('version')!r}; "
+                             f"this package reads version {_VERSION}.")
+        return cls(
+            groups=tuple(d["groups"]), every_n_steps=d["every_n_steps"],
+            target_arl0=d["target_arl0"], delta=d["delta"], transform=d["transform"],
+            n_resamples=d["n_resamples"], max_length=d["max_length"], seed=d["seed"],
+            confidence=d["confidence"],
+            results={g: GroupCalibration.from_dict(r) for g, r in d["results"].items()},
+        )
+
+    def save(self, path):
+        """Write the calibration as JSON to ``path``."""
+        path = os.fspath(path)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+
+    @classmethod
+    def load(cls, path):
+        """Read a calibration written by ``save``."""
+        with open(os.fspath(path), encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_frame(self):
+        """One row per group: h, ARL0, false-alarm probabilities and the lag-1 test."""
+        import pandas as pd
+
+        rows = []
+        for g in self.groups:
+            r = self.results[g]
+            rows.append({
+                "group": g, "h": r.threshold, "target_arl0": self.target_arl0,
+                "arl0": r.arl0, "horizon": r.horizon,
+                "false_alarm_prob": r.false_alarm_prob,
+                "loo_false_alarms": r.loo_false_alarms, "n_runs": r.n_runs,
+                "loo_false_alarm_rate": r.loo_false_alarm_rate,
+                "loo_ci_low": r.loo_false_alarm_ci[0], "loo_ci_high": r.loo_false_alarm_ci[1],
+                "lag1_r": r.lag1_r, "lag1_pvalue": r.lag1_pvalue,
+            })
+        return pd.DataFrame(rows)
+
+    def __repr__(self):
+        parts = ", ".join(f"{g}: h={self.results[g].threshold:.3f}" for g in self.groups)
+        return (f"Calibration(target_arl0={self.target_arl0}, delta={self.delta}, "
+                f"transform={self.transform!r}, every_n_steps={self.every_n_steps}, {parts})")
+
+
+def _bisect(sim, target, tol):
+    """Smallest-bracket h with ARL0(h) >= target, by bisection on [lo, hi]."""
+    lo = 0.0
+    if sim.arl(lo) >= target:
+        raise ValueError(
+            f"target_arl0={target} is not above ARL0(h=0)={sim.arl(lo):.3g}: every "
+            "threshold gives a longer run length. Use a larger target."
+        )
+    hi = 1.0
+    while sim.arl(hi) < target:
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            raise ValueError(f"No threshold below 1e4 reaches ARL0={target}.")
+    while hi - lo > tol * max(hi, 1.0):
+        mid = 0.5 * (lo + hi)
+        if sim.arl(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
+                        every_n_steps=None, group=None, horizon=None, n_resamples=4000,
+                        max_length=None, seed=0, confidence=0.95, ddof=1, tol=1e-6):
+    """Calibrate h so that the in-control ARL on clean runs equals ``target_arl0``.
+
+    Args:
+        clean_runs: a dict group -> trajectories, or trajectories of one group (then
+            named ``group``, default ``"default"``). Trajectories: 2-D array [N, T]
+            (trailing NaN pads shorter runs) or N 1-D arrays [T_i], one group's trace
+            at snapshots 0, 1, ... of each clean run; N >= 3.
+        target_arl0: target in-control average run length, in snapshots (> 1).
+        delta: allowance of the recursion.
+        transform: None or ``"log"`` (see ``keras_hesstrace.monitor.detector``).
+        every_n_steps: optimiser steps between snapshots of the clean runs, recorded
+            for ``check_compatible``.
+        group: name for a single group's trajectories.
+        horizon: snapshots T of a run for the expected false-alarm probability;
+            default each group's baseline length.
+        n_resamples: resampled sequences (the Monte Carlo relative error of ARL0 is
+            about 1/sqrt(n_resamples): 1.6% at 4000).
+        max_length: snapshots per resampled sequence; default ceil(10 * target_arl0).
+        seed: resampling seed (the result is deterministic given it).
+        confidence: level of the Wilson interval of the LOO false-alarm rate.
+        ddof: of the baselines' standard deviations.
+        tol: relative bisection tolerance on h.
+
+    Returns:
+        ``Calibration``.
+
+    Raises:
+        ValueError: fewer than three runs, a snapshot reached by fewer than two runs,
+            zero spread, non-finite values, an unreachable target.
+
+    Example:
+        >>> rng = np.random.default_rng(0)
+        >>> cal = calibrate_threshold(rng.normal(size=(20, 300)), target_arl0=100,
+        ...                           group="head", every_n_steps=50)
+        >>> round(cal.threshold, 1)                              # doctest: +SKIP
+        3.6
+    """
+    target_arl0 = float(target_arl0)
+    if not (math.isfinite(target_arl0) and target_arl0 > 1):
+        raise ValueError(f"target_arl0 must be a finite number of snapshots > 1, got "
+                         f"{target_arl0!r}.")
+    delta = float(delta)
+    if not (math.isfinite(delta) and delta >= 0):
+        raise ValueError(f"delta must be finite and >= 0, got {delta!r}.")
+    check_transform(transform)
+    if every_n_steps is not None and (int(every_n_steps) != every_n_steps or every_n_steps < 1):
+        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+    if n_resamples < 100:
+        raise ValueError(f"n_resamples must be >= 100, got {n_resamples}.")
+    max_length = int(math.ceil(10 * target_arl0)) if max_length is None else int(max_length)
+    if max_length < target_arl0:
+        raise ValueError(f"max_length={max_length} must be at least target_arl0.")
+    if isinstance(clean_runs, dict):
+        if group is not None:
+            raise ValueError("group= names a single group's trajectories; clean_runs is "
+                             "already a dict group -> trajectories.")
+        by_group = dict(clean_runs)
+    else:
+        by_group = {"default" if group is None else group: clean_runs}
+    if not by_group:
+        raise ValueError("clean_runs has no groups.")
+
+    results = {}
+    for g, traj in by_group.items():
+        try:
+            baseline = Baseline.from_runs(traj, transform=transform, group=g, ddof=ddof)
+            loo = loo_standardize(traj, transform=transform, ddof=ddof)
+        except ValueError as e:
+            raise ValueError(f"group {g!r}: {e}") from None
+        pool = np.concatenate(loo)
+        sim = _Resampled(pool, delta, n_resamples, max_length, seed)
+        h = _bisect(sim, target_arl0, tol)
+        arl0 = sim.arl(h)
+        # LOO false alarms: each real clean run, standardised without itself.
+        loo_rl = [run_lengths(z, h, delta) for z in loo]
+        alerts = [None if np.isnan(v) else int(v) for v in loo_rl]
+        k = sum(a is not None for a in alerts)
+        lag1 = stats.lag1_autocorrelation(loo)
+        T = len(baseline) if horizon is None else int(horizon)
+        results[g] = GroupCalibration(
+            group=g, threshold=float(h), arl0=float(arl0), baseline=baseline,
+            n_runs=len(loo), n_z=int(pool.size), horizon=T,
+            false_alarm_prob=_false_alarm_prob(arl0, T),
+            loo_false_alarms=k, loo_false_alarm_rate=k / len(loo),
+            loo_false_alarm_ci=tuple(stats.wilson_interval(k, len(loo), confidence)),
+            loo_alert_indices=alerts, lag1_r=float(lag1.r), lag1_pvalue=float(lag1.pvalue),
+            censored_fraction=sim.censored_fraction(h),
+        )
+    return Calibration(
+        groups=tuple(by_group), every_n_steps=None if every_n_steps is None else int(every_n_steps),
+        target_arl0=target_arl0, delta=delta, transform=transform,
+        n_resamples=int(n_resamples), max_length=max_length, seed=int(seed),
+        confidence=float(confidence), results=results,
+    )
