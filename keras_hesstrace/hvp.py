@@ -115,12 +115,27 @@ def make_objective(model, loss=None):
                 "(a keras.losses.Loss with its default reduction, or a callable reduced with a mean)."
             )
         value = tf.cast(value, dtype)
+        value = _unscale_for_replicas(loss_fn, value)
         regularisers = model.losses
         if regularisers:
             value = value + tf.add_n([tf.cast(r, dtype) for r in regularisers])
         return value
 
     return objective
+
+
+def _unscale_for_replicas(loss_fn, value):
+    """Undo the 1/num_replicas factor Keras mean-reducing losses apply in a replica context.
+
+    Keras divides a mean-reduced loss by the replica count so that summed gradients
+    average; the operator here averages the replicas' results explicitly instead.
+    """
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(loss_fn, keras.losses.Loss) and reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * tf.cast(replicas, value.dtype)
+    return value
 
 
 # ---------------------------------------------------------------------- data checks
@@ -213,12 +228,51 @@ def hvp_body(objective, variables, x, y, vector, mode):
     return loss, grads, list(hv)
 
 
+def effective_strategy(model, strategy=None):
+    """The tf.distribute strategy to run on, or None for the plain single-device path.
+
+    An explicit ``strategy`` wins; otherwise the strategy the model was built under
+    (Keras records it). A strategy with one replica in sync is the single-device path.
+    """
+    if strategy is None:
+        strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None or strategy.num_replicas_in_sync == 1:
+        return None
+    return strategy
+
+
+def shard_batch(strategy, x, y):
+    """Split one global batch across the strategy's replicas (contiguous, nearly equal shards).
+
+    Every worker holds the same global batch and takes its own replicas' slices, so the
+    union of the shards is the batch, whatever the number of workers. Returns per-replica
+    (x, y, weight) with weight = the shard's example count; a replica left without
+    examples (batch smaller than the replica count) gets one example with weight 0.
+    """
+    n = int(tf.nest.flatten(y)[0].shape[0])
+
+    def value_fn(ctx):
+        bounds = np.linspace(0, n, ctx.num_replicas_in_sync + 1).astype(int)
+        lo, hi = int(bounds[ctx.replica_id_in_sync_group]), int(bounds[ctx.replica_id_in_sync_group + 1])
+        weight = float(hi - lo)
+        if hi == lo:
+            lo, hi = 0, 1
+        xs, ys = tf.nest.map_structure(lambda t: t[lo:hi], (x, y))
+        return xs, ys, tf.constant(weight, tf.float64)
+
+    return strategy.experimental_distribute_values_from_function(value_fn)
+
+
 class HessianOperator:
     """The Hessian of a model's loss (or its block over some variables), matrix-free.
 
-    Built once per (model, loss, block, mode, jit_compile) and reused: its compiled
-    functions take the batch with a free batch dimension, so repeated calls do not
-    retrace. Get one with :func:`hessian_operator` rather than constructing it.
+    Built once per (model, loss, block, mode, jit_compile, strategy) and reused: its
+    compiled functions take the batch with a free batch dimension, so repeated calls do
+    not retrace. Get one with :func:`hessian_operator` rather than constructing it.
+
+    Under a ``tf.distribute`` strategy each replica computes the HVP of the mean loss on
+    its shard of the batch; the results are all-reduced weighted by shard size, so the
+    product equals the single-device one on the whole batch.
 
     Args:
         model: a built Keras model.
@@ -228,9 +282,10 @@ class HessianOperator:
             the gradient is taken w.r.t. them only (H_SS v_S).
         mode: "reverse" (reverse-over-reverse) or "forward" (forward-over-reverse).
         jit_compile: compile with XLA.
+        strategy: a ``tf.distribute.Strategy`` with several replicas, or None.
     """
 
-    def __init__(self, model, loss=None, variable_indices=None, mode="reverse", jit_compile=False):
+    def __init__(self, model, loss=None, variable_indices=None, mode="reverse", jit_compile=False, strategy=None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
         check_model(model)
@@ -241,20 +296,47 @@ class HessianOperator:
         self.variables = [all_vars[i] for i in self.variable_indices]
         self.mode = mode
         self.jit_compile = bool(jit_compile)
+        self.strategy = strategy
         self.objective = make_objective(model, loss)
         self._functions = {}
-
-    def _compiled(self, kind, signature, builder):
-        key = (kind, signature_key(signature))
-        fn = self._functions.get(key)
-        if fn is None:
-            fn = tf.function(builder(), input_signature=signature, jit_compile=self.jit_compile, reduce_retracing=False)
-            self._functions[key] = fn
-        return fn
 
     def tracing_count(self):
         """Total number of traces of this operator's compiled functions (for retrace checks)."""
         return sum(fn.experimental_get_tracing_count() for fn in self._functions.values())
+
+    def _run(self, kind, body, x, y, *args):
+        """Run ``body(x, y, *args)`` compiled, on one device or all replicas; a flat list of outputs.
+
+        Every output of ``body`` must be a mean over the batch (or independent of it), so
+        that the weighted average of the replicas' outputs is the whole batch's value.
+        """
+        arg_specs = [tf.TensorSpec(a.shape, a.dtype) for a in tf.nest.flatten(args)]
+        if self.strategy is None:
+            signature = batch_signature(x, y) + tuple(tf.nest.pack_sequence_as(args, arg_specs))
+            key = (kind, signature_key(signature))
+            fn = self._functions.get(key)
+            if fn is None:
+                fn = tf.function(lambda *a: tf.nest.flatten(body(*a)), input_signature=signature, jit_compile=self.jit_compile)
+                self._functions[key] = fn
+            return fn(x, y, *args)
+
+        strategy = self.strategy
+        key = (kind, "distributed", signature_key(batch_signature(x, y)), signature_key(arg_specs))
+        fn = self._functions.get(key)
+        if fn is None:
+
+            def weighted(x, y, w, *args):
+                outs = body(x, y, *args)
+                return [tf.cast(o, tf.float64) * w for o in tf.nest.flatten(outs)], w
+
+            def step(dist, *args):
+                scaled, w = strategy.run(weighted, args=tuple(dist) + tuple(args))
+                total = strategy.reduce(tf.distribute.ReduceOp.SUM, w, axis=None)
+                return [strategy.reduce(tf.distribute.ReduceOp.SUM, s, axis=None) / total for s in scaled]
+
+            fn = tf.function(step)
+            self._functions[key] = fn
+        return fn(shard_batch(strategy, x, y), *args)
 
     def matvec(self, x, y, vector):
         """Hv on one batch.
@@ -268,20 +350,16 @@ class HessianOperator:
         """
         x, y = to_tensors(x, y)
         vector = check_vector(self.variables, vector)
-        xs, ys = batch_signature(x, y)
-        vs = [tf.TensorSpec(v.shape, v.dtype) for v in vector]
         variables, objective, mode = self.variables, self.objective, self.mode
 
-        def builder():
-            def fn(x, y, vector):
-                loss, _, hv = hvp_body(objective, variables, x, y, vector, mode)
-                return hv, loss
+        def body(x, y, vector):
+            loss, _, hv = hvp_body(objective, variables, x, y, vector, mode)
+            return list(hv) + [loss]
 
-            return fn
-
-        fn = self._compiled("matvec", (xs, ys, vs), builder)
-        hv, loss = fn(x, y, vector)
-        return list(hv), loss
+        out = self._run("matvec", body, x, y, vector)
+        dtypes = [v.dtype for v in vector]
+        hv = [tf.cast(h, d) for h, d in zip(out[:-1], dtypes)]
+        return hv, out[-1]
 
     def matvec_data(self, data, vector, num_batches=None):
         """Hv of the loss over several batches (the full-dataset mode).
@@ -290,8 +368,7 @@ class HessianOperator:
         dataset it is the HVP of the mean loss over all their examples.
 
         Args:
-            data: a ``tf.data.Dataset`` or iterable of (x, y) batches, or one (x, y) pair
-                given as a tuple ``(x, y)`` wrapped in a list.
+            data: a ``tf.data.Dataset`` or iterable of (x, y) batches.
             vector: list of tensors shaped like ``self.variables``.
             num_batches: how many batches to use (default all).
 
@@ -302,8 +379,9 @@ class HessianOperator:
 
         acc, loss_sum, total = None, 0.0, 0
         for xb, yb in iterate_batches(data, num_batches):
+            xb, yb = to_tensors(xb, yb)
             hv, loss = self.matvec(xb, yb, vector)
-            n = int(tf.nest.flatten(tf.nest.map_structure(tf.convert_to_tensor, yb))[0].shape[0])
+            n = int(tf.nest.flatten(yb)[0].shape[0])
             acc = [n * h for h in hv] if acc is None else [a + n * h for a, h in zip(acc, hv)]
             loss_sum += n * float(loss)
             total += n
@@ -313,8 +391,8 @@ class HessianOperator:
         """One probe: draw v, compute Hv, and contract per variable.
 
         Args:
-            x, y: one batch.
-            seed: int64 tensor [2], the probe's stateless seed.
+            x, y: one batch (tensors).
+            seed: int64 tensor [2], the probe's stateless seed (the same v on every replica).
             probe: "rademacher" or "gaussian".
             group_positions: tuple of tuples of positions into ``self.variables``.
 
@@ -324,28 +402,26 @@ class HessianOperator:
         """
         from keras_hesstrace.probes import draw_probe
 
-        xs, ys = batch_signature(x, y)
         variables, objective, mode = self.variables, self.objective, self.mode
 
-        def builder():
-            def fn(x, y, seed):
-                v = draw_probe(variables, seed, probe)
-                loss, _, hv = hvp_body(objective, variables, x, y, v, mode)
-                per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
-                s = tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions])
-                return s, tf.add_n(per_var), tf.cast(loss, tf.float64)
+        def body(x, y, seed):
+            v = draw_probe(variables, seed, probe)
+            loss, _, hv = hvp_body(objective, variables, x, y, v, mode)
+            per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
+            s = tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions])
+            return s, tf.add_n(per_var), tf.cast(loss, tf.float64)
 
-            return fn
-
-        fn = self._compiled(("probe", probe, group_positions), (xs, ys, tf.TensorSpec([2], tf.int64)), builder)
-        return fn(x, y, seed)
+        return self._run(("probe", probe, group_positions), body, x, y, seed)
 
 
 _CACHE_ATTR = "_hesstrace_operators"
 
 
-def hessian_operator(model, loss=None, variable_indices=None, mode="reverse", jit_compile=False):
+def hessian_operator(model, loss=None, variable_indices=None, mode="reverse", jit_compile=False, strategy=None):
     """The cached :class:`HessianOperator` for these settings (built on first use).
+
+    ``strategy``: a ``tf.distribute.Strategy`` (default: the one the model was built
+    under, if any); one with a single replica runs the plain path.
 
     The cache lives on the model object (not in a module-level registry), so it is
     freed with the model and holds no hidden global state.
@@ -356,15 +432,16 @@ def hessian_operator(model, loss=None, variable_indices=None, mode="reverse", ji
         per_model = {}
         # Bypass Keras attribute tracking: this is not model state to save.
         object.__setattr__(model, _CACHE_ATTR, per_model)
-    key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile))
+    strategy = effective_strategy(model, strategy)
+    key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile), id(strategy))
     op = per_model.get(key)
     if op is None:
-        op = HessianOperator(model, loss, variable_indices, mode, jit_compile)
+        op = HessianOperator(model, loss, variable_indices, mode, jit_compile, strategy)
         per_model[key] = op
     return op
 
 
-def hvp(model, x, y, vector, loss=None, mode="reverse", jit_compile=False):
+def hvp(model, x, y, vector, loss=None, mode="reverse", jit_compile=False, strategy=None):
     """Hessian-vector product H v of the model's loss on one batch.
 
     Args:
@@ -376,6 +453,8 @@ def hvp(model, x, y, vector, loss=None, mode="reverse", jit_compile=False):
             callable ``(y_true, y_pred)``; ``model.losses`` (regularisers) are added.
         mode: "reverse" (reverse-over-reverse) or "forward" (forward-over-reverse).
         jit_compile: compile the product with XLA.
+        strategy: a ``tf.distribute.Strategy`` to split the batch over its replicas
+            (default: the one the model was built under, if any).
 
     Returns:
         list of tensors shaped like ``model.trainable_variables``: H v.
@@ -384,7 +463,7 @@ def hvp(model, x, y, vector, loss=None, mode="reverse", jit_compile=False):
         >>> v = [tf.ones_like(w) for w in model.trainable_variables]   # doctest: +SKIP
         >>> hv = keras_hesstrace.hvp(model, x, y, v)
     """
-    op = hessian_operator(model, loss, None, mode, jit_compile)
+    op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
     hv, loss_value = op.matvec(x, y, vector)
     if not np.isfinite(float(loss_value)):
         warnings.warn(f"The loss is not finite ({float(loss_value)}): the Hessian-vector product is meaningless.", RuntimeWarning, stacklevel=2)

@@ -173,6 +173,7 @@ def layer_traces(
     mode="reverse",
     jit_compile=False,
     verbose="auto",
+    strategy=None,
 ):
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
@@ -193,6 +194,10 @@ def layer_traces(
         mode: "reverse" or "forward" HVP.
         jit_compile: XLA-compile the probe.
         verbose: 0, 1, or "auto" (a progress bar in the dataset mode).
+        strategy: a ``tf.distribute.Strategy``: each replica computes the HVP on its
+            shard of every batch and the contractions are all-reduced, weighted by
+            shard size (the same estimate as one device). Default: the strategy the
+            model was built under, if any.
 
     Returns:
         :class:`TraceResult`; ``result.to_frame()`` gives a pandas table. A
@@ -209,7 +214,7 @@ def layer_traces(
     mapping = layer_groups(model, by=groups)
     names, indices = group_indices(model, mapping)
     sizes = group_sizes(mapping)
-    op = hessian_operator(model, loss, None, mode, jit_compile)
+    op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**62))
     seeds = [probe_seed(seed, m) for m in range(num_probes)]
