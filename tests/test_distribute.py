@@ -25,3 +25,17 @@ def test_mirrored_strategy_gives_the_single_device_estimate():
             assert isinstance(value, float), f"{name}_{key}: {value}"
             assert value < 1e-10, f"{name}_{key}: {value}"
     assert out["fit_loss_finite"] is True
+
+
+def test_multi_worker_mirrored_strategy_on_localhost_gives_the_single_device_estimate():
+    root = os.path.dirname(HERE)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(root, "examples", "multiworker_traces.py")],
+        capture_output=True, text=True, timeout=600, cwd=root,
+        env=dict(os.environ, PYTHONPATH=root),
+    )
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, (proc.stdout + proc.stderr)[-3000:]
+    out = json.loads(lines[-1][7:])
+    assert out["replicas"] == 2
+    assert out["max_rel_diff"] < 1e-10
