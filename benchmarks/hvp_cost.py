@@ -32,6 +32,9 @@ OPS = [
     ("hvp", {"mode": "reverse", "jit": True}),
     ("hvp", {"mode": "forward", "jit": True}),
     ("probe", {"jit": False}),
+    ("probe", {"jit": False, "per_call": 2}),
+    ("probe", {"jit": False, "per_call": 4}),
+    ("probe", {"jit": True}),
     ("masked", {"jit": False}),
 ]
 
@@ -96,7 +99,12 @@ def worker(op, opts, batch, warmup, reps, arch):
         fn = lambda: [h.numpy() for h in kh.hvp(model, xt, yt, v, mode=opts["mode"], jit_compile=jit)]  # noqa: E731
     elif op == "probe":
         counter = iter(range(10**6))
-        fn = lambda: kh.layer_traces(model, xt, yt, num_probes=1, seed=next(counter))  # noqa: E731
+        per_call = opts.get("per_call", 1)
+
+        def fn():
+            kh.layer_traces(model, xt, yt, num_probes=per_call, seed=next(counter), probes_per_call=per_call, jit_compile=jit)
+
+        extra["per_call"] = per_call
     elif op == "masked":
         groups = kh.layer_groups(model)
         positions = {id(w): i for i, w in enumerate(variables)}
@@ -119,6 +127,8 @@ def worker(op, opts, batch, warmup, reps, arch):
     else:
         raise ValueError(op)
     times = _time(fn, warmup, reps)
+    if op == "probe":
+        times = [t / per_call for t in times]  # per probe
     return {
         "op": op,
         **opts,
@@ -137,7 +147,8 @@ def label(row):
     elif row["op"] == "hvp":
         name = f"HVP {row['mode']}"
     elif row["op"] == "probe":
-        name = "layer_traces, 1 probe (all layers)"
+        per_call = row.get("per_call", 1)
+        name = "layer_traces, 1 probe (all layers)" + (f", {per_call} probes per call (time per probe)" if per_call > 1 else "")
     else:
         name = f"masked: 1 HVP per layer, {row.get('groups', '?')} layers"
     return name + (" (XLA)" if row.get("jit") else "")
@@ -150,6 +161,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--skip-masked", action="store_true", help="skip the slow masked alternative")
+    parser.add_argument("--only", help="comma-separated ops to run (gradient,hvp,probe,masked)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -164,6 +176,8 @@ def main():
     rows = []
     for op, opts in OPS:
         if op == "masked" and args.skip_masked:
+            continue
+        if args.only and op not in args.only.split(",") and not (op == "gradient"):
             continue
         cmd = [sys.executable, __file__, "--worker", json.dumps([op, opts]), "--batch", str(args.batch),
                "--reps", str(args.reps), "--warmup", str(args.warmup), "--arch", args.arch]
@@ -180,7 +194,7 @@ def main():
     import keras
 
     grad = {r["jit"]: r["median_s"] for r in rows if r["op"] == "gradient"}
-    probe = next(r for r in rows if r["op"] == "probe")["median_s"]
+    probe = next(r for r in rows if r["op"] == "probe" and r.get("per_call", 1) == 1 and not r["jit"])["median_s"]
     print(f"\n{args.arch}, batch {args.batch}, float32; TF {tf.__version__}, Keras {keras.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '1 (package default)')}; "

@@ -210,22 +210,35 @@ def hvp_body(objective, variables, x, y, vector, mode):
         vector: list of tensors shaped like ``variables``.
         mode: "reverse" or "forward".
     """
+    loss, grads, hvs = hvp_body_many(objective, variables, x, y, [vector], mode)
+    return loss, grads, hvs[0]
+
+
+def hvp_body_many(objective, variables, x, y, vectors, mode):
+    """(loss, grads, [Hv_1, ..., Hv_P]) for P vectors; runs inside a tf.function.
+
+    In reverse mode the forward pass and the first backward pass are recorded once and
+    shared by the P second backward passes (a persistent outer tape); in forward mode
+    each vector needs its own forward-over-reverse pass.
+    """
     if mode == "reverse":
-        with tf.GradientTape() as outer:
+        with tf.GradientTape(persistent=len(vectors) > 1) as outer:
             with tf.GradientTape() as inner:
                 loss = objective(x, y)
             grads = inner.gradient(loss, variables, unconnected_gradients=_ZERO)
-            gv = tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vector)])
-        hv = outer.gradient(gv, variables, unconnected_gradients=_ZERO)
-    else:
-        # Keras 3 variables are not accepted as primals: pass the tf.Variables.
-        primals = [getattr(var, "value", var) for var in variables]
-        with tf.autodiff.ForwardAccumulator(primals, list(vector)) as acc:
+            gvs = [tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vec)]) for vec in vectors]
+        hvs = [list(outer.gradient(gv, variables, unconnected_gradients=_ZERO)) for gv in gvs]
+        return loss, grads, hvs
+    # Keras 3 variables are not accepted as primals: pass the tf.Variables.
+    primals = [getattr(var, "value", var) for var in variables]
+    hvs = []
+    for vec in vectors:
+        with tf.autodiff.ForwardAccumulator(primals, list(vec)) as acc:
             with tf.GradientTape() as tape:
                 loss = objective(x, y)
             grads = tape.gradient(loss, variables, unconnected_gradients=_ZERO)
-        hv = acc.jvp(grads, unconnected_gradients=_ZERO)
-    return loss, grads, list(hv)
+        hvs.append(list(acc.jvp(grads, unconnected_gradients=_ZERO)))
+    return loss, grads, hvs
 
 
 def effective_strategy(model, strategy=None):
@@ -387,31 +400,37 @@ class HessianOperator:
             total += n
         return [a / total for a in acc], loss_sum / total
 
-    def probe_contractions(self, x, y, seed, probe, group_positions):
-        """One probe: draw v, compute Hv, and contract per variable.
+    def probe_contractions(self, x, y, seeds, probe, group_positions):
+        """P probes in one compiled call: draw each v, compute Hv, contract per group.
 
         Args:
             x, y: one batch (tensors).
-            seed: int64 tensor [2], the probe's stateless seed (the same v on every replica).
+            seeds: int64 tensor [P, 2], the probes' stateless seeds (the same v on
+                every replica). In reverse mode the P probes share one forward and
+                first backward pass.
             probe: "rademacher" or "gaussian".
             group_positions: tuple of tuples of positions into ``self.variables``.
 
         Returns:
-            (s, total, loss): s float64 [G] with s_g = Σ_{var in g} <v_var, (Hv)_var>,
-            total = <v, Hv> over all variables of the operator, and the loss.
+            (s, total, loss): s float64 [P, G] with s[p, g] = Σ_{var in g} <v_var, (Hv)_var>,
+            total float64 [P] = <v, Hv> over all variables of the operator, and the loss.
         """
         from keras_hesstrace.probes import draw_probe
 
         variables, objective, mode = self.variables, self.objective, self.mode
+        num = int(seeds.shape[0])
 
-        def body(x, y, seed):
-            v = draw_probe(variables, seed, probe)
-            loss, _, hv = hvp_body(objective, variables, x, y, v, mode)
-            per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
-            s = tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions])
-            return s, tf.add_n(per_var), tf.cast(loss, tf.float64)
+        def body(x, y, seeds):
+            vectors = [draw_probe(variables, seeds[i], probe) for i in range(num)]
+            loss, _, hvs = hvp_body_many(objective, variables, x, y, vectors, mode)
+            rows, totals = [], []
+            for v, hv in zip(vectors, hvs):
+                per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
+                rows.append(tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions]))
+                totals.append(tf.add_n(per_var))
+            return tf.stack(rows), tf.stack(totals), tf.cast(loss, tf.float64)
 
-        return self._run(("probe", probe, group_positions), body, x, y, seed)
+        return self._run(("probe", probe, group_positions), body, x, y, seeds)
 
 
 _CACHE_ATTR = "_hesstrace_operators"

@@ -174,6 +174,7 @@ def layer_traces(
     jit_compile=False,
     verbose="auto",
     strategy=None,
+    probes_per_call=1,
 ):
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
@@ -194,6 +195,9 @@ def layer_traces(
         mode: "reverse" or "forward" HVP.
         jit_compile: XLA-compile the probe.
         verbose: 0, 1, or "auto" (a progress bar in the dataset mode).
+        probes_per_call: probes computed in one compiled call; in reverse mode they
+            share the forward and first backward pass (faster per probe, more
+            memory). The result does not depend on it.
         strategy: a ``tf.distribute.Strategy``: each replica computes the HVP on its
             shard of every batch and the contractions are all-reduced, weighted by
             shard size (the same estimate as one device). Default: the strategy the
@@ -217,7 +221,13 @@ def layer_traces(
     op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**62))
-    seeds = [probe_seed(seed, m) for m in range(num_probes)]
+    per_call = int(probes_per_call)
+    if per_call < 1:
+        raise ValueError(f"probes_per_call must be >= 1, got {probes_per_call}.")
+    chunks = [
+        (start, tf.stack([probe_seed(seed, m) for m in range(start, min(start + per_call, num_probes))]))
+        for start in range(0, num_probes, per_call)
+    ]
 
     dataset_mode = is_dataset(x, y)
     if dataset_mode:
@@ -236,13 +246,14 @@ def layer_traces(
     for xb, yb in batches:
         xb, yb = to_tensors(xb, yb)
         weight = int(tf.nest.flatten(yb)[0].shape[0])
-        for m, s in enumerate(seeds):
-            s_g, total, loss_value = op.probe_contractions(xb, yb, s, probe, indices)
-            samples[m] += weight * s_g.numpy()
-            totals[m] += weight * float(total)
-            if m == 0:
+        for start, seeds in chunks:
+            s_g, total, loss_value = op.probe_contractions(xb, yb, seeds, probe, indices)
+            stop = start + int(seeds.shape[0])
+            samples[start:stop] += weight * s_g.numpy()
+            totals[start:stop] += weight * total.numpy()
+            if start == 0:
                 loss_sum += weight * float(loss_value)
-            done += 1
+            done += stop - start
             if bar is not None:
                 bar.update(done)
         weight_sum += weight

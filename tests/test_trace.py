@@ -196,3 +196,15 @@ def test_non_finite_loss_is_flagged_not_silent():
         r = kh.layer_traces(model, x, y, num_probes=2, seed=0, loss=xent64())
     assert not r.finite
     assert "NOT FINITE" in str(r)
+
+
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_several_probes_per_call_give_the_same_samples(mode):
+    model = mt.cnn_bn()
+    x, y = mt.data(shape=(6, 6, 2))
+    one = kh.layer_traces(model, x, y, num_probes=5, seed=4, loss=xent64(), mode=mode)
+    three = kh.layer_traces(model, x, y, num_probes=5, seed=4, loss=xent64(), mode=mode, probes_per_call=3)
+    np.testing.assert_allclose(three.samples, one.samples, rtol=1e-12)
+    np.testing.assert_allclose(three.total_samples, one.total_samples, rtol=1e-12)
+    with pytest.raises(ValueError, match="probes_per_call must be >= 1"):
+        kh.layer_traces(model, x, y, loss=xent64(), probes_per_call=0)

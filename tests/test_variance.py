@@ -69,7 +69,7 @@ def test_model_probes_match_both_closed_forms():
     op = hessian_operator(model, xent64(), variable_indices=positions)
     everything = (tuple(range(len(positions))),)
     masked = np.array(
-        [op.probe_contractions(tf.constant(x), tf.constant(y), probe_seed(5, m), "rademacher", everything)[0].numpy()
+        [op.probe_contractions(tf.constant(x), tf.constant(y), probe_seed(5, m)[None], "rademacher", everything)[0].numpy()[0]
          for m in range(1500)]
     )
     _within_sampling_error(masked, [hutchinson_variance(block)])
