@@ -116,7 +116,9 @@ def power_iteration(matvec, n, k=1, max_iter=100, tol=1e-3, seed=None, dtype=np.
 
     Returns:
         dict with ``eigenvalues`` [k] (ordered as found: decreasing magnitude),
-        ``eigenvectors`` [k, n] (unit rows), ``residuals`` [k] (||A v - θ v||),
+        ``eigenvectors`` [k, n] (unit rows), ``residuals`` [k] (||A' v - θ v|| for the
+        deflated operator A' = (I - P) A (I - P), P the projector on the earlier pairs: it
+        differs from A's residual by about the earlier pairs' own errors),
         ``converged`` [k] bool, ``num_matvecs`` int.
     """
     k, max_iter = int(k), int(max_iter)
@@ -195,6 +197,7 @@ class Lanczos:
         self.alpha, self.beta = [], []  # beta[j] couples steps j and j+1
         self.steps, self.num_matvecs = 0, 0
         self.broke_down = False
+        self.block_start = 0  # first step of the current Krylov block (after restarts)
         self._scale = 0.0
 
     def step(self):
@@ -222,6 +225,7 @@ class Lanczos:
                     self.broke_down = True
                     return False
                 self.beta[j] = 0.0
+                self.block_start = j + 1
                 r = _orthogonalise(self.rng.standard_normal(self.n), self.Q[: j + 1])
                 self.Q[j + 1] = r / np.linalg.norm(r)
             else:
@@ -287,22 +291,33 @@ def lanczos_eigen(matvec, n, k=1, which="LM", max_iter=100, tol=1e-3, seed=None,
         raise ValueError(f"which must be one of {WHICH}, not {which!r}.")
     rng, seed = _rng(seed)
     lz = Lanczos(matvec, rng.standard_normal(n), min(n, k * int(max_iter)), restart=True, seed=seed + 1, dtype=dtype)
-    converged = np.zeros(k, dtype=bool)
-    while lz.step():
-        if lz.steps < k:
-            continue
+
+    def check():
         theta, S, res = lz.ritz()
         idx = _select(theta, which, k)
         top = np.abs(theta[idx[0]])
-        converged = res[idx] <= tol * np.maximum(np.abs(theta[idx]), 1e-8 * top)
-        if converged.all():
+        ok = res[idx] <= tol * np.maximum(np.abs(theta[idx]), 1e-8 * top)
+        if lz.steps == n:
+            ok[:] = True
+        elif lz.block_start > 0 and ok.all():
+            # After a breakdown every old Ritz pair is exact, which says nothing about the
+            # part of the space not yet explored: also require the current Krylov block's
+            # best Ritz pair to converge (then nothing better is left there, as in deflation).
+            b = lz.block_start
+            if b >= lz.steps:  # the new block is not explored yet
+                ok[:] = False
+            else:
+                tb, Sb = np.linalg.eigh(lz.tridiagonal()[b:, b:])
+                ib = _select(tb, which, 1)[0]
+                rb = abs(lz.beta[lz.steps - 1] * Sb[-1, ib])
+                if rb > tol * max(abs(tb[ib]), 1e-8 * top):
+                    ok[:] = False
+        return theta, S, res, idx, ok
+
+    while lz.step():
+        if lz.steps >= k and check()[-1].all():
             break
-    theta, S, res = lz.ritz()
-    idx = _select(theta, which, k)
-    top = np.abs(theta[idx[0]])
-    converged = res[idx] <= tol * np.maximum(np.abs(theta[idx]), 1e-8 * top)
-    if lz.steps == n:
-        converged[:] = True
+    theta, S, res, idx, converged = check()
     vectors = np.asarray(S[:, idx].T.astype(lz.Q.dtype) @ lz.Q[: lz.steps], dtype=np.float64)
     return {
         "eigenvalues": theta[idx],
@@ -596,7 +611,8 @@ class EigenResult:
             decreasing λ for which="LA".
         eigenvectors: k lists of tensors shaped like ``model.trainable_variables``
             (unit norm over the block, zero outside it).
-        residuals: float64 [k], ||H u - λ u||: an eigenvalue of H lies within it.
+        residuals: float64 [k], ||H u - λ u||: an eigenvalue of H lies within it (for
+            method="power", of the operator deflated by the earlier pairs).
         converged: bool [k], residual <= tol * |λ|.
         num_hvps: Hessian-vector products used (one pass over the data each).
         method: "power" or "lanczos"; which: "LM" or "LA".
