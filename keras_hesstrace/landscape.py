@@ -62,7 +62,7 @@ class LandscapeResult:
 
     def __str__(self):
         lo, hi = float(np.nanmin(self.losses)), float(np.nanmax(self.losses))
-        shape = "x".join(str(len(c)) for c in self.coordinates)
+        shape = "x".join(str(len(c)) for c in self.coordinates) + ("-point" if self.ndim == 1 else "")
         extra = f", eigenvalues {np.array2string(self.eigenvalues, precision=4)}" if self.eigenvalues is not None else ""
         return (
             f"loss landscape ({self.kind} directions{extra}) on a {shape} grid over "
