@@ -6,7 +6,26 @@ HVPs used and the achieved error max_i |λ_i - λ_i*| / |λ_1*| against a refere
 full dimension for the digits MLP). The table reports, per target accuracy, the fewest
 HVPs each method needed to reach it. This decides ``method="auto"`` in spectrum.py.
 
-Run:  python benchmarks/eigen_hvps.py     (about a minute on 2 CPU cores)
+Run:  python benchmarks/eigen_hvps.py     (about 90 s on 2 CPU cores)
+
+Result (TF 2.21, 2 CPU cores; fewest mean HVPs over 3 seeds to reach the error):
+    model                 k  method    err<=1e-2  err<=1e-4  err<=1e-6
+    mlp (79)              1  power         7         10         13
+                          1  lanczos       5          7          8
+                          3  power        33         55         83
+                          3  lanczos      13         16         18
+    cnn_bn (87)           1  power        16         33         50
+                          1  lanczos      10         13         14
+                          3  power        55        102        147
+                          3  lanczos      16         21         23
+    nested (146)          1  power        12         18         25
+                          1  lanczos       8          9         11
+                          3  power        53         81        119
+                          3  lanczos       9         14         16
+    digits mlp (2410)     1  power        10         18         27
+                          1  lanczos       5          8         10
+                          3  power        81        170        261
+                          3  lanczos      14         16         17
 """
 
 import os

@@ -430,38 +430,34 @@ def build_parser():
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     est = sub.add_parser(
-        "estimate", formatter_class=fmt,
-        help="per-layer Hessian traces with standard errors (table, traces.csv, traces.png)",
+        "estimate", help="per-layer Hessian traces with standard errors (table, traces.csv, traces.png)",
         description="Estimate tr(H_ll), the trace of every layer's Hessian block, with Hutchinson probes: each probe "
                     "costs one Hessian-vector product and gives all layers at once. Prints a table with standard "
                     "errors; --out writes traces.csv, estimate.json and a bar chart traces.png.",
         epilog="Example: keras-hesstrace estimate model.keras --data digits --num-probes 20 --out results/",
     )
     _common(est)
-    est.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes (HVPs)")
+    est.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes, one HVP each (default 20)")
     est.set_defaults(func=_estimate)
 
     eig = sub.add_parser(
-        "eigen", formatter_class=fmt,
-        help="the top-k Hessian eigenvalues (Lanczos or power iteration)",
+        "eigen", help="the top-k Hessian eigenvalues (Lanczos or power iteration)",
         description="The k largest-magnitude eigenvalues of the Hessian (the sharpness), by Lanczos with full "
                     "reorthogonalisation or PyHessian's power iteration with deflation. Stops when every eigenpair's "
                     "residual is below tol x |eigenvalue|. --block restricts to one layer's (or several layers') block.",
         epilog="Example: keras-hesstrace eigen model.keras --data digits --k 3 --out results/",
     )
     _common(eig)
-    eig.add_argument("--k", type=int, default=1, help="number of eigenvalues")
-    eig.add_argument("--method", choices=("auto", "lanczos", "power"), default="auto", help="algorithm (auto = lanczos, fewer HVPs)")
-    eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM) or largest algebraic (LA)")
-    eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue")
-    eig.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance")
+    eig.add_argument("--k", type=int, default=1, help="number of eigenvalues (default 1)")
+    eig.add_argument("--method", choices=("auto", "lanczos", "power"), default="auto", help="algorithm (default auto = lanczos: fewer HVPs than power iteration)")
+    eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM, default, as PyHessian) or largest algebraic (LA)")
+    eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue (default 100)")
+    eig.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance (default 1e-3)")
     eig.set_defaults(func=_eigen)
 
     den = sub.add_parser(
-        "density", formatter_class=fmt,
-        help="the Hessian's eigenvalue density by stochastic Lanczos quadrature (density.png, log scale)",
+        "density", help="the Hessian's eigenvalue density by stochastic Lanczos quadrature (density.png, log scale)",
         description="The eigenvalue spectral density of the Hessian by stochastic Lanczos quadrature (as PyHessian): "
                     "each run is one Lanczos pass of --lanczos-steps HVPs from a random start; its Ritz values and "
                     "weights are smoothed with a Gaussian kernel. --out writes nodes.csv, density.csv, density.json "
@@ -469,14 +465,13 @@ def build_parser():
         epilog="Example: keras-hesstrace density model.keras --data digits --num-runs 2 --lanczos-steps 60 --out results/",
     )
     _common(den)
-    den.add_argument("--num-runs", type=int, default=1, help="independent Lanczos runs")
-    den.add_argument("--lanczos-steps", type=int, default=90, help="Lanczos steps (HVPs) per run; clipped to the dimension")
+    den.add_argument("--num-runs", type=int, default=1, help="independent Lanczos runs (default 1)")
+    den.add_argument("--lanczos-steps", type=int, default=90, help="Lanczos steps (HVPs) per run, clipped to the dimension (default 90)")
     den.add_argument("--sigma", type=float, default=None, help="kernel width (default sqrt(1e-5 * max(1, range)), PyHessian's)")
     den.set_defaults(func=_density)
 
     land = sub.add_parser(
-        "landscape", formatter_class=fmt,
-        help="the loss on a grid around the weights along top eigenvectors or random directions (landscape.png)",
+        "landscape", help="the loss on a grid around the weights along top eigenvectors or random directions (landscape.png)",
         description="Evaluate the loss at θ + α d1 + β d2 on a grid, where d1, d2 are the Hessian's top two "
                     "eigenvectors (unit norm) or filter-normalised random directions (Li et al. 2018). The model's "
                     "weights are restored exactly afterwards. --out writes landscape.csv, landscape.json and "
@@ -485,9 +480,9 @@ def build_parser():
     )
     _common(land)
     land.add_argument("--directions", choices=("top2", "top1", "random2", "random1"), default="top2",
-                      help="top eigenvectors or filter-normalised random directions; 2 = a surface, 1 = a curve")
-    land.add_argument("--grid", type=int, default=21, help="points per axis")
-    land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction")
+                      help="top eigenvectors or filter-normalised random directions; 2 = a surface, 1 = a curve (default top2)")
+    land.add_argument("--grid", type=int, default=21, help="points per axis (default 21)")
+    land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
     land.set_defaults(func=_landscape)
     return parser
 
