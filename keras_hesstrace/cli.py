@@ -48,10 +48,380 @@ def _demo(args):
     return 0
 
 
+# ===================================================================== analysis CLI
+
+EXAMPLE_MODEL = "model.keras"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2, no traceback."""
+
+
+def load_digits_data():
+    """scikit-learn's bundled 8x8 digits: x float32 [1797, 8, 8, 1] in [0, 1], y int64 [1797].
+
+    (To be swapped for keras_hesstrace.data.load_digits once it lands.)
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images[..., None] / 16.0).astype("float32")
+    return x, digits.target.astype("int64")
+
+
+def load_tfds_data(name, split, num_examples, data_dir=None):
+    """(x, y) numpy arrays from a tensorflow-datasets dataset that is prepared on disk.
+
+    Never downloads: a dataset that is not prepared (this machine may be offline, where
+    tfds.load would retry for minutes) is a clear CLIError at once. Images are scaled to
+    float32 in [0, 1].
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise CLIError(f"--data {name}: tensorflow-datasets is not installed ({err}).") from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as err:  # DatasetNotFoundError and friends: the message names the problem
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"--data {name}: not 'digits', not an .npz file, and not a known tfds dataset ({first}).") from None
+    if not builder.is_prepared():
+        raise CLIError(
+            f"--data {name}: the tfds dataset is not prepared under {builder.data_dir_root}; "
+            f"prepare it once on a machine with internet (tfds.builder({name!r}).download_and_prepare()) "
+            "and pass --data-dir, or use --data digits or an .npz file."
+        )
+    take = None if num_examples is None else int(num_examples)
+    ds = builder.as_dataset(split=split, as_supervised=True)
+    if take is not None:
+        ds = ds.take(take)
+    xs, ys = [], []
+    for image, label in tfds.as_numpy(ds.batch(1024)):
+        xs.append(image)
+        ys.append(label)
+    import numpy as np
+
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if x.dtype == np.uint8:
+        x = (x / 255.0).astype("float32")
+    return x, y
+
+
+def load_npz_data(path):
+    """(x, y) from an .npz file holding arrays named x and y."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise CLIError(f"--data {path}: the .npz needs arrays named x and y; it has {f.files}.")
+            return f["x"], f["y"]
+    except CLIError:
+        raise
+    except Exception as err:
+        raise CLIError(f"--data {path}: cannot read it as an .npz file ({err}).") from None
+
+
+def load_data(args):
+    """(x, y, description) per --data, --num-examples, --split, --data-dir."""
+    import numpy as np
+
+    source = args.data
+    if source == "digits":
+        x, y = load_digits_data()
+        desc = "digits (scikit-learn's bundled 8x8)"
+    elif source.endswith(".npz"):
+        if not os.path.exists(source):
+            raise CLIError(f"--data {source}: file not found.")
+        x, y = load_npz_data(source)
+        desc = source
+    else:
+        x, y = load_tfds_data(source, args.split, args.num_examples, args.data_dir)
+        desc = f"tfds {source} [{args.split}]"
+    if len(x) != len(y):
+        raise CLIError(f"--data {source}: x has {len(x)} examples but y has {len(y)}.")
+    if args.num_examples is not None:
+        if args.num_examples < 1:
+            raise CLIError(f"--num-examples must be >= 1, got {args.num_examples}.")
+        x, y = x[: args.num_examples], y[: args.num_examples]
+    if len(x) == 0:
+        raise CLIError(f"--data {source}: no examples.")
+    return np.asarray(x), np.asarray(y), desc
+
+
+def load_model(path):
+    """The saved Keras model (with its compiled loss when it was saved compiled)."""
+    if not os.path.exists(path):
+        raise CLIError(f"model file not found: {path}")
+    import warnings
+
+    import keras
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # optimizer-variable mismatches are irrelevant here
+            return keras.models.load_model(path)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot read the model file {path}: {first}") from None
+
+
+def resolve_cli_loss(model, name, from_logits):
+    """The loss for the Hessian: --loss NAME, else the model's compiled loss."""
+    import keras
+
+    if name is None:
+        if getattr(model, "loss", None) is None:
+            raise CLIError(
+                "the model has no compiled loss (saved without model.compile(loss=...)): pass --loss NAME, "
+                "e.g. --loss sparse_categorical_crossentropy --from-logits."
+            )
+        if from_logits:
+            raise CLIError("--from-logits only applies with --loss (the compiled loss keeps its own setting).")
+        return None
+    try:
+        fn = keras.losses.get(name)
+    except Exception:
+        fn = None
+    if fn is None:
+        raise CLIError(f"unknown --loss {name!r}: use a Keras loss name such as sparse_categorical_crossentropy or mse.")
+    if from_logits:
+        if isinstance(fn, keras.losses.Loss):
+            raise CLIError(f"--from-logits needs a loss function name (e.g. sparse_categorical_crossentropy), not {name!r}.")
+
+        def loss(y_true, y_pred):
+            return fn(y_true, y_pred, from_logits=True)
+
+        loss.__name__ = f"{name}(from_logits=True)"
+        return loss
+    return fn
+
+
+def fit_data_to_model(model, x):
+    """x cast to the model's input dtype; reshaped when only the layout differs. CLIError if it cannot fit."""
+    import numpy as np
+
+    inputs = getattr(model, "inputs", None)
+    if not inputs or len(inputs) != 1:
+        return x  # subclassed or multi-input models: checked by the trial call below
+    shape = tuple(inputs[0].shape[1:])
+    dtype = inputs[0].dtype
+    if x.dtype.kind in "fiu" and np.dtype(dtype).kind == "f":
+        x = x.astype(dtype)
+    if None not in shape and tuple(x.shape[1:]) != shape:
+        if int(np.prod(x.shape[1:])) == int(np.prod(shape)):
+            print(f"note: reshaping the data from {tuple(x.shape[1:])} to the model's input shape {shape}")
+            return x.reshape((len(x),) + shape)
+        raise CLIError(f"the data does not fit the model: its examples have shape {tuple(x.shape[1:])}, the model takes inputs of shape {shape}.")
+    return x
+
+
+def prepare(args):
+    """Load model and data, check they fit; returns (model, data, y, loss, meta)."""
+    model = load_model(args.model)
+    x, y, desc = load_data(args)
+    loss = resolve_cli_loss(model, args.loss, args.from_logits)
+    x = fit_data_to_model(model, x)
+    try:
+        out = model(x[:2], training=False)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"the data (examples of shape {tuple(x.shape[1:])}) does not fit the model: {first}") from None
+    from keras_hesstrace.hvp import make_objective
+
+    import tensorflow as tf
+
+    try:
+        make_objective(model, loss)(tf.convert_to_tensor(x[:2]), tf.convert_to_tensor(y[:2]))
+    except Exception as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(
+            f"the loss cannot be computed on this data (labels of shape {tuple(y.shape[1:])}, outputs of shape "
+            f"{tuple(out.shape[1:])}): {first}"
+        ) from None
+    batch = args.batch_size or len(x)
+    if batch < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {batch}.")
+    if batch >= len(x):
+        data, labels = x, y
+    else:
+        import tensorflow as tf
+
+        data, labels = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch), None
+    loss_name = args.loss or getattr(getattr(model, "loss", None), "name", None) or str(getattr(model, "loss", None))
+    meta = {
+        "model": os.path.abspath(args.model),
+        "data": desc,
+        "num_examples": int(len(x)),
+        "batch_size": int(min(batch, len(x))),
+        "loss": loss_name + (" (from logits)" if args.from_logits else ""),
+        "groups": args.groups,
+        "block": args.block,
+        "seed": args.seed,
+    }
+    print(f"model {args.model} ({model.count_params():,} parameters); data {desc}: {len(x)} examples in "
+          f"batches of {meta['batch_size']}; loss {meta['loss']}")
+    return model, data, labels, loss, meta
+
+
+def _out_dir(args):
+    if not args.out:
+        return None
+    os.makedirs(args.out, exist_ok=True)
+    return args.out
+
+
+def _write_json(path, payload):
+    import json
+
+    import numpy as np
+
+    def default(o):
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+        return str(o)
+
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=default)
+
+
+def _block(args):
+    return None if not args.block else list(args.block)
+
+
+def _estimate(args):
+    import keras_hesstrace as kh
+    from keras_hesstrace import plots
+
+    model, data, labels, loss, meta = prepare(args)
+    groups = args.groups
+    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, groups=groups, seed=args.seed, loss=loss, verbose=1)
+    frame = result.to_frame()
+    if args.block:
+        missing = [b for b in args.block if b not in frame.index]
+        if missing:
+            raise CLIError(f"--block {missing}: no such group; groups are {list(frame.index)}")
+        frame = frame.loc[args.block]
+    print()
+    print(result if not args.block else frame.to_string(float_format=lambda v: f"{v:.4g}"))
+    out = _out_dir(args)
+    if out:
+        frame.to_csv(os.path.join(out, "traces.csv"))
+        _write_json(os.path.join(out, "estimate.json"), {
+            **meta, "command": "estimate", "num_probes": result.num_probes, "loss_value": result.loss,
+            "total_trace": result.total, "total_stderr": result.total_stderr,
+            "groups_table": frame.reset_index().to_dict(orient="records"),
+        })
+        plots.plot_traces(frame, os.path.join(out, "traces.png"), title=f"Per-{groups} Hessian trace ({result.num_probes} probes)")
+        print(f"wrote traces.csv, estimate.json, traces.png to {out}")
+    return 0
+
+
+def _eigen(args):
+    from keras_hesstrace import spectrum
+
+    model, data, labels, loss, meta = prepare(args)
+    result = spectrum.top_eigenvalues(
+        model, data, labels, k=args.k, max_iter=args.max_iter, tol=args.tol, method=args.method, which=args.which,
+        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+    )
+    print()
+    print(result)
+    out = _out_dir(args)
+    if out:
+        result.to_frame().to_csv(os.path.join(out, "eigenvalues.csv"))
+        _write_json(os.path.join(out, "eigen.json"), {
+            **meta, "command": "eigen", "method": result.method, "which": result.which, "tol": args.tol,
+            "eigenvalues": result.eigenvalues, "residuals": result.residuals, "converged": result.converged,
+            "num_hvps": result.num_hvps, "dimension": result.dimension, "loss_value": result.loss,
+        })
+        print(f"wrote eigenvalues.csv, eigen.json to {out}")
+    return 0
+
+
+def _density(args):
+    import pandas as pd
+
+    from keras_hesstrace import plots, spectrum
+
+    model, data, labels, loss, meta = prepare(args)
+    result = spectrum.spectral_density(
+        model, data, labels, num_runs=args.num_runs, lanczos_steps=args.lanczos_steps, sigma=args.sigma,
+        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+    )
+    print()
+    print(result)
+    out = _out_dir(args)
+    if out:
+        result.to_frame().to_csv(os.path.join(out, "nodes.csv"), index=False)
+        pd.DataFrame({"eigenvalue": result.grid, "density": result.density}).to_csv(os.path.join(out, "density.csv"), index=False)
+        _write_json(os.path.join(out, "density.json"), {
+            **meta, "command": "density", "num_runs": result.num_runs, "lanczos_steps": result.lanczos_steps,
+            "sigma": result.sigma, "num_hvps": result.num_hvps, "dimension": result.dimension,
+            "moments": {str(k): result.moment(k) for k in (1, 2)}, "notes": list(result.notes),
+            "nodes": result.nodes, "weights": result.weights, "loss_value": result.loss,
+        })
+        plots.plot_density(result, os.path.join(out, "density.png"))
+        print(f"wrote nodes.csv, density.csv, density.json, density.png to {out}")
+    return 0
+
+
+def _landscape(args):
+    from keras_hesstrace import landscape, plots
+
+    model, data, labels, loss, meta = prepare(args)
+    result = landscape.loss_landscape(
+        model, data, labels, directions=args.directions, grid=args.grid, span=args.span, loss=loss,
+        groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+    )
+    print()
+    print(result)
+    out = _out_dir(args)
+    if out:
+        result.to_frame().to_csv(os.path.join(out, "landscape.csv"), index=False)
+        _write_json(os.path.join(out, "landscape.json"), {
+            **meta, "command": "landscape", "directions": args.directions, "kind": result.kind,
+            "coordinates": list(result.coordinates), "losses": result.losses, "origin_loss": result.origin_loss,
+            "eigenvalues": result.eigenvalues,
+        })
+        plots.plot_landscape(result, os.path.join(out, "landscape.png"))
+        print(f"wrote landscape.csv, landscape.json, landscape.png to {out}")
+    return 0
+
+
+def _common(p):
+    p.add_argument("model", metavar="MODEL.keras", help="a model saved with model.save('model.keras')")
+    p.add_argument("--data", required=True, metavar="SOURCE",
+                   help="'digits' (scikit-learn's bundled 8x8 digits, offline), a tensorflow-datasets name that is "
+                        "prepared on disk (cifar10, cifar100; never downloaded), or an .npz file with arrays x and y")
+    p.add_argument("--num-examples", type=int, default=512, metavar="N", help="use the first N examples (default 512)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="split the examples into batches of B; every Hessian-vector product averages over all of "
+                        "them (default: one batch of all N)")
+    p.add_argument("--loss", default=None, metavar="NAME",
+                   help="a Keras loss name (default: the loss the model was compiled with)")
+    p.add_argument("--from-logits", action="store_true", help="with --loss: the model outputs logits")
+    p.add_argument("--groups", choices=("layer", "variable"), default="layer",
+                   help="how parameters are grouped: one group per layer (default) or per variable")
+    p.add_argument("--block", action="append", default=None, metavar="GROUP",
+                   help="restrict to this group's block of the Hessian (repeat for several; names as printed by "
+                        "'estimate')")
+    p.add_argument("--out", default=None, metavar="DIR", help="write CSV, JSON and PNG files to DIR")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--split", default="train", help="tfds split (default train)")
+    p.add_argument("--data-dir", default=None, metavar="DIR", help="tfds data directory (default: tfds's own)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="keras-hesstrace",
-        description="Layer-wise Hessian traces of Keras models: one Hessian-vector product per probe gives every layer's trace.",
+        description="Layer-wise Hessian traces of Keras models: one Hessian-vector product per probe gives every layer's trace. "
+                    "Also the PyHessian toolset (top eigenvalues, spectral density, loss landscape) on a saved model.",
+        epilog="Example: keras-hesstrace demo; keras-hesstrace estimate model.keras --data digits --out results/. "
+               "'keras-hesstrace COMMAND --help' explains each command.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser("demo", help="offline demo on the bundled digits dataset (about a minute on 2 CPU cores)")
@@ -59,6 +429,61 @@ def build_parser():
     demo.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes (default 20)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.set_defaults(func=_demo)
+
+    est = sub.add_parser(
+        "estimate", help="per-layer Hessian traces with standard errors (table, traces.csv, traces.png)",
+        description="Estimate tr(H_ll), the trace of every layer's Hessian block, with Hutchinson probes: each probe "
+                    "costs one Hessian-vector product and gives all layers at once. Prints a table with standard "
+                    "errors; --out writes traces.csv, estimate.json and a bar chart traces.png.",
+        epilog="Example: keras-hesstrace estimate model.keras --data digits --num-probes 20 --out results/",
+    )
+    _common(est)
+    est.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes, one HVP each (default 20)")
+    est.set_defaults(func=_estimate)
+
+    eig = sub.add_parser(
+        "eigen", help="the top-k Hessian eigenvalues (Lanczos or power iteration)",
+        description="The k largest-magnitude eigenvalues of the Hessian (the sharpness), by Lanczos with full "
+                    "reorthogonalisation or PyHessian's power iteration with deflation. Stops when every eigenpair's "
+                    "residual is below tol x |eigenvalue|. --block restricts to one layer's (or several layers') block.",
+        epilog="Example: keras-hesstrace eigen model.keras --data digits --k 3 --out results/",
+    )
+    _common(eig)
+    eig.add_argument("--k", type=int, default=1, help="number of eigenvalues (default 1)")
+    eig.add_argument("--method", choices=("auto", "lanczos", "power"), default="auto", help="algorithm (default auto = lanczos: fewer HVPs than power iteration)")
+    eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM, default, as PyHessian) or largest algebraic (LA)")
+    eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue (default 100)")
+    eig.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance (default 1e-3)")
+    eig.set_defaults(func=_eigen)
+
+    den = sub.add_parser(
+        "density", help="the Hessian's eigenvalue density by stochastic Lanczos quadrature (density.png, log scale)",
+        description="The eigenvalue spectral density of the Hessian by stochastic Lanczos quadrature (as PyHessian): "
+                    "each run is one Lanczos pass of --lanczos-steps HVPs from a random start; its Ritz values and "
+                    "weights are smoothed with a Gaussian kernel. --out writes nodes.csv, density.csv, density.json "
+                    "and density.png (log scale).",
+        epilog="Example: keras-hesstrace density model.keras --data digits --num-runs 2 --lanczos-steps 60 --out results/",
+    )
+    _common(den)
+    den.add_argument("--num-runs", type=int, default=1, help="independent Lanczos runs (default 1)")
+    den.add_argument("--lanczos-steps", type=int, default=90, help="Lanczos steps (HVPs) per run, clipped to the dimension (default 90)")
+    den.add_argument("--sigma", type=float, default=None, help="kernel width (default sqrt(1e-5 * max(1, range)), PyHessian's)")
+    den.set_defaults(func=_density)
+
+    land = sub.add_parser(
+        "landscape", help="the loss on a grid around the weights along top eigenvectors or random directions (landscape.png)",
+        description="Evaluate the loss at θ + α d1 + β d2 on a grid, where d1, d2 are the Hessian's top two "
+                    "eigenvectors (unit norm) or filter-normalised random directions (Li et al. 2018). The model's "
+                    "weights are restored exactly afterwards. --out writes landscape.csv, landscape.json and "
+                    "landscape.png (contours and surface; a curve for 1-D).",
+        epilog="Example: keras-hesstrace landscape model.keras --data digits --directions top2 --grid 21 --span 0.5 --out results/",
+    )
+    _common(land)
+    land.add_argument("--directions", choices=("top2", "top1", "random2", "random1"), default="top2",
+                      help="top eigenvectors or filter-normalised random directions; 2 = a surface, 1 = a curve (default top2)")
+    land.add_argument("--grid", type=int, default=21, help="points per axis (default 21)")
+    land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
+    land.set_defaults(func=_landscape)
     return parser
 
 
@@ -68,7 +493,17 @@ def main(argv=None):
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except CLIError as err:
+        print(f"keras-hesstrace {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FloatingPointError) as err:
+        if args.command == "demo":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"keras-hesstrace {args.command}: error: {first}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
