@@ -35,6 +35,7 @@ class _MeanLoss:
         self.__name__ = getattr(fn, "__name__", "loss")
 
     def __call__(self, y_true, y_pred):
+        y_true = tf.convert_to_tensor(y_true)
         y_pred = tf.cast(y_pred, self.dtype)
         if y_true.dtype.is_floating:
             y_true = tf.cast(y_true, self.dtype)
@@ -350,6 +351,12 @@ class HessianOperator:
             fn = tf.function(step)
             self._functions[key] = fn
         return fn(shard_batch(strategy, x, y), *args)
+
+    def loss_value(self, x, y):
+        """The scalar loss (data loss + regularisers) on one batch, compiled once."""
+        x, y = to_tensors(x, y)
+        objective = self.objective
+        return self._run("loss", lambda x, y: [objective(x, y)], x, y)[0]
 
     def matvec(self, x, y, vector):
         """Hv on one batch.

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from keras_hesstrace.hvp import batch_signature, hessian_operator, to_tensors
+from keras_hesstrace.hvp import hessian_operator, to_tensors
 from keras_hesstrace.spectrum import block_indices, top_eigenvalues, _rng
 from keras_hesstrace.trace import is_dataset, iterate_batches
 
@@ -134,16 +134,7 @@ class _LossEvaluator:
             self.data = to_tensors(x, y)
 
     def _one(self, xb, yb):
-        objective = self.op.objective
-
-        def builder():
-            def fn(x, y):
-                return objective(x, y)
-
-            return fn
-
-        fn = self.op._compiled("loss", batch_signature(xb, yb), builder)
-        return float(fn(xb, yb))
+        return float(self.op.loss_value(xb, yb))
 
     def __call__(self):
         if not self.dataset:
