@@ -59,8 +59,9 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb, Keep()])  # 8 steps
     frame = pd.read_csv(tmp_path / "t.csv")
     assert sorted(frame.step.unique()) == [0, 3, 6]
-    assert set(frame.group) == {"hidden", "head"}
-    assert list(frame.epoch[frame.step == 6]) == [1, 1]
+    assert set(frame.group) == {"hidden", "head", "total"}
+    assert list(frame.epoch[frame.step == 6]) == [1, 1, 1]
+    assert set(frame.status) == {"ok"}
     scalars = read_scalars(tmp_path / "logs")
     check = small_model()
     for step in (0, 3, 6):
@@ -71,6 +72,9 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
             assert row.trace == pytest.approx(direct[g], rel=1e-6)
             assert scalars[f"hessian_trace/{g}"][step] == pytest.approx(direct[g], rel=1e-5)
         assert scalars["hessian_trace/total"][step] == pytest.approx(direct.total, rel=1e-5)
+        total = frame[(frame.step == step) & (frame.group == "total")].iloc[0]
+        assert total.trace == pytest.approx(direct.total, rel=1e-6)
+        assert total.stderr == pytest.approx(direct.total_stderr, rel=1e-6)
 
     # Resume: a second fit appends without a second header or duplicated rows.
     cb2 = HessianTraceCallback(batch, every_n_steps=3, num_probes=4, csv_path=tmp_path / "t.csv",
@@ -78,7 +82,7 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb2])  # steps 9..12
     frame = pd.read_csv(tmp_path / "t.csv")
     assert sorted(frame.step.unique()) == [0, 3, 6, 9, 12]
-    assert len(frame) == 10 and frame.step.dtype.kind == "i"
+    assert len(frame) == 15 and frame.step.dtype.kind == "i"  # 5 snapshots x (2 layers + total)
 
 
 def test_stop_on_alert_and_on_alert(tmp_path):
