@@ -128,3 +128,95 @@ def test_bad_input(tmp_path):
         HessianTraceCallback((x, y), csv_path=tmp_path / "nope" / "t.csv")
     with pytest.raises(ValueError, match="not writable"):
         HessianTraceCallback((x, y), csv_path=tmp_path)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Recording(HessianTraceCallback):
+    """Keeps the optimiser step and the weights the model had at each snapshot."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+
+    def _snapshot(self, step):
+        self.seen[step] = (int(self.model.optimizer.iterations.numpy()), self.model.get_weights())
+        super()._snapshot(step)
+
+
+def detector_columns(frame):
+    return frame[["step", "group", "trace", "status", "z", "g_pos", "g_neg", "alert"]]
+
+
+def make_detectors(h_head, h_total):
+    from keras_hesstrace.monitor import Baseline
+
+    # Means differ per snapshot, so a misaligned snapshot index changes every z.
+    head = Baseline(np.arange(8) * 0.3, np.full(8, 0.5))
+    total = Baseline(np.arange(8) * 0.5, np.full(8, 2.0))
+    return {"head": PageHinkley(delta=0.5, threshold=h_head, baseline=head),
+            "total": PageHinkley(delta=0.5, threshold=h_total, baseline=total)}
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_in_a_new_process_matches_an_uninterrupted_run(tmp_path):
+    x, y = data()
+    snap_data = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(16)  # 2 batches, cycled
+    fit = dict(batch_size=16, verbose=0, shuffle=False)  # 4 steps an epoch, snapshots every 3
+
+    def callback(path, dets, seen):
+        return HessianTraceCallback(snap_data, every_n_steps=3, num_probes=3, csv_path=path,
+                                    detector=dets, seed=7, verbose=0,
+                                    on_alert=lambda cb_, g, s, r: seen.append((g, s, r.index)))
+
+    # Uninterrupted: 4 epochs, steps 0..16, snapshots 0, 3, 6, 9, 12, 15.
+    seen_full = []
+    model = small_model()
+    model.fit(x, y, epochs=4, callbacks=[callback(tmp_path / "full.csv", make_detectors(1e-6, 1e9),
+                                                  seen_full)], **fit)
+    full = pd.read_csv(tmp_path / "full.csv")
+    assert sorted(full.step.unique()) == [0, 3, 6, 9, 12, 15]
+    # A threshold for "total" crossed after the interruption (snapshot 4 or 5).
+    g_total = full[full.group == "total"].set_index("step")
+    stat = np.maximum(g_total.g_pos, g_total.g_neg).to_numpy()
+    assert np.all(np.diff(stat[2:]) != 0)
+    h_total = float(np.sort(stat)[-2] + np.sort(stat)[-1]) / 2 if stat[-1] > stat[:-1].max() else None
+    assert h_total is not None and stat[:3].max() < h_total, stat  # no alert before step 8
+
+    def run_interrupted(csv_name, prefill=None):
+        seen = []
+        path = tmp_path / csv_name
+        model = small_model()
+        model.fit(x, y, epochs=2, callbacks=[callback(path, make_detectors(1e-6, h_total), seen)], **fit)
+        model.save(tmp_path / "ckpt.keras")                     # step 8, end of epoch 1
+        del model
+        if prefill is not None:  # crashed after snapshot 9 etc. but before the next checkpoint
+            prefill.to_csv(path, index=False)
+        restored = keras.models.load_model(tmp_path / "ckpt.keras")
+        assert int(restored.optimizer.iterations.numpy()) == 8
+        cb = callback(path, make_detectors(1e-6, h_total), seen)   # fresh detectors: state from the CSV
+        restored.fit(x, y, epochs=4, initial_epoch=2, callbacks=[cb], **fit)
+        return pd.read_csv(path), seen, cb
+
+    frame, seen, cb = run_interrupted("resumed.csv")
+    # Value by value as the uninterrupted run; the alert flags as its statistics say
+    # under the final thresholds.
+    cols = ["step", "epoch", "group", "trace", "stderr", "status", "z", "g_pos", "g_neg"]
+    pd.testing.assert_frame_equal(frame[cols], full[cols], rtol=1e-6)
+    h = {"head": 1e-6, "total": h_total}
+    for g in ("head", "total"):
+        rows = frame[frame.group == g]
+        assert list(rows.alert) == [int(v) for v in np.maximum(rows.g_pos, rows.g_neg) > h[g]]
+    # head alerted at snapshot 0 (before the interruption) and not again; total after it.
+    assert seen == [("head", 0, 0), ("total", 15, 5)]
+    assert cb.detectors["head"].alert_index == 0 and cb.detectors["head"].alert_step == 0
+    assert cb.detectors["total"].n_updates == 6
+
+    # Rows past the checkpoint's step (a crash between snapshot and checkpoint) are dropped.
+    with pytest.warns(UserWarning, match="removing the 9 rows after step 8"):
+        frame2, seen2, _ = run_interrupted("crashed.csv", prefill=frame)
+    pd.testing.assert_frame_equal(frame2[cols + ["alert"]], frame[cols + ["alert"]], rtol=1e-6)
+    assert seen2 == [("head", 0, 0), ("total", 15, 5)]

@@ -58,6 +58,12 @@ def snapshot_seed(seed, step):
     return int(seed) * (2**32) + int(step)
 
 
+def _flag(text):
+    """A CSV alert cell as a bool: "1" as written here, "1.0" after a pandas round trip."""
+    text = text.strip()
+    return text not in ("", "nan") and float(text) != 0
+
+
 def _say(message):
     """Print as Keras prints (stdout when interactive logging is on, else the logger)."""
     if keras.config.is_interactive_logging_enabled():
@@ -286,7 +292,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
                 warnings.warn(
                     f"{self.csv_path!r} holds snapshots up to step "
                     f"{max(int(r['step']) for r in later)} but the fit resumes from step "
-                    f"{step}: removing its {len(later)} rows after step {step} (a trajectory "
+                    f"{step}: removing the {len(later)} rows after step {step} (a trajectory "
                     "the restored checkpoint discarded).",
                     stacklevel=3,
                 )
@@ -320,7 +326,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._skip_batches = len({r["step"] for r in rows})
         for g, det in self.detectors.items():
             mine = [r for r in rows if r["group"] == g]
-            if any(r["g_pos"] == "" for r in mine):
+            if any(r["g_pos"].strip() in ("", "nan") for r in mine):
                 raise ValueError(
                     f"{self.csv_path!r} has rows of group {g!r} written without a detector "
                     "on it, so its detector cannot be restored: use another csv_path."
@@ -331,7 +337,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
             det.g_neg = float(mine[-1]["g_neg"])
             det.last_step = int(mine[-1]["step"])
             for i, r in enumerate(mine):
-                if r["alert"] == "1":
+                if _flag(r["alert"]):
                     det.alert_index, det.alert_step = i, int(r["step"])
                     break
 
