@@ -220,3 +220,142 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(tmp_path):
         frame2, seen2, _ = run_interrupted("crashed.csv", prefill=frame)
     pd.testing.assert_frame_equal(frame2[cols + ["alert"]], frame[cols + ["alert"]], rtol=1e-6)
     assert seen2 == [("head", 0, 0), ("total", 15, 5)]
+
+
+# ----------------------------------------------------------------- unusable snapshots
+
+
+def test_non_finite_trace_is_written_as_nan_and_skipped_by_the_detector(tmp_path):
+    from keras_hesstrace.monitor import Baseline
+
+    model = small_model()
+    x, y = data()
+    bad = x[:16].copy()
+    bad[0, 0] = np.nan  # the second snapshot's batch gives a NaN loss
+    snaps = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
+    ).batch(16)
+    base = Baseline([0.0, 100.0, 0.5, 1.0], [1.0, 1.0, 2.0, 3.0])
+    ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
+    cb = Recording(snaps, every_n_steps=2, num_probes=2, layers=["head"], detector=ph,
+                   csv_path=tmp_path / "n.csv", log_dir=tmp_path / "logs", seed=1, verbose=0)
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*unusable trace for group\(s\) \['head', 'total'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0..4
+    frame = pd.read_csv(tmp_path / "n.csv")
+    head = frame[frame.group == "head"].reset_index(drop=True)
+    assert list(head.step) == [0, 2, 4] and list(head.status) == ["ok", "nonfinite", "ok"]
+    assert np.isnan(head.trace[1]) and np.isnan(head.z[1])
+    assert list(frame[frame.group == "total"].status) == ["ok", "nonfinite", "ok"]
+    # g carried over the skipped snapshot; the next value standardised at index 2.
+    assert (head.g_pos[1], head.g_neg[1]) == (head.g_pos[0], head.g_neg[0])
+    check = small_model()
+    direct = []
+    for step in (0, 4):
+        check.set_weights(cb.seen[step][1])
+        direct.append(layer_traces(check, *next(iter(snaps.skip(step // 2))), num_probes=2,
+                                   seed=snapshot_seed(1, step))["head"])
+    z = [(direct[0] - 0.0) / 1.0, (direct[1] - 0.5) / 2.0]
+    assert [head.z[0], head.z[2]] == pytest.approx(z, rel=1e-6)
+    g_pos = max(0.0, max(0.0, z[0] - 0.1) + z[1] - 0.1)
+    assert head.g_pos[2] == pytest.approx(g_pos, rel=1e-6) and ph.n_updates == 3
+    scalars = read_scalars(tmp_path / "logs")
+    assert sorted(scalars["hessian_trace/head"]) == [0, 4]  # no NaN point in TensorBoard
+    assert sorted(scalars["hessian_trace_detector/head"]) == [0, 2, 4]
+
+
+# -------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_precision_curvature_is_float32(tmp_path):
+    x, y = data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[0].compute_dtype == "float16"
+    twin = small_model()  # float32 throughout
+    batch = (x[:32], y[:32])
+    cb = Recording(batch, every_n_steps=2, num_probes=4, csv_path=tmp_path / "m.csv", seed=3,
+                   verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # snapshots 0, 2, 4
+    frame = pd.read_csv(tmp_path / "m.csv")
+    assert sorted(frame.step.unique()) == [0, 2, 4]
+    for step in (0, 2, 4):
+        twin.set_weights(cb.seen[step][1])
+        ref = layer_traces(twin, *batch, num_probes=4, seed=snapshot_seed(3, step))
+        for g in ("hidden", "head", "total"):
+            row = frame[(frame.step == step) & (frame.group == g)].iloc[0]
+            want = ref.total if g == "total" else ref[g]
+            se = ref.total_stderr if g == "total" else ref.stderr[ref.groups.index(g)]
+            # Same probes, float32 arithmetic: far inside one standard error.
+            assert abs(row.trace - want) <= 1e-3 * se
+            assert row.trace == pytest.approx(want, rel=1e-5)
+    # Policies restored, training still in float16, the float32 functions traced once.
+    assert [layer.dtype_policy.name for layer in model.layers] == ["mixed_float16"] * 2
+    assert model(x[:2]).dtype == "float16"
+    assert sum(op.tracing_count() for op in cb._float32_cache.values()) == 1
+
+
+# ------------------------------------------------------------------ step bookkeeping
+
+
+def test_steps_per_execution_snapshots_at_the_true_optimiser_step(tmp_path):
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), steps_per_execution=3,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    batch = (x[:32], y[:32])
+    cb = Recording(batch, every_n_steps=4, num_probes=2, csv_path=tmp_path / "s.csv", seed=2,
+                   verbose=0)
+    # 8 steps an epoch in executions of 3, 3, 2: the hooks see steps 0, 3, 6 and 8 (epoch
+    # end); the first boundary at or after each multiple of 4 is 6, 8, 14, 16.
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+    frame = pd.read_csv(tmp_path / "s.csv")
+    assert sorted(frame.step.unique()) == [0, 6, 8, 14, 16]
+    assert list(frame[frame.group == "head"].epoch) == [0, 0, 0, 1, 1]
+    assert {step: it for step, (it, _) in cb.seen.items()} == {s: s for s in (0, 6, 8, 14, 16)}
+    check = small_model()
+    for step in (6, 16):
+        check.set_weights(cb.seen[step][1])
+        direct = layer_traces(check, *batch, num_probes=2, seed=snapshot_seed(2, step))
+        row = frame[(frame.step == step) & (frame.group == "head")].iloc[0]
+        assert row.trace == pytest.approx(direct["head"], rel=1e-6)
+
+
+def test_nothing_runs_between_snapshots():
+    cb = HessianTraceCallback(data(), every_n_steps=10**9, verbose=0)
+    # Not overriding on_train_batch_end keeps Keras's asynchronous batch-end dispatch.
+    assert type(cb).on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
+    assert type(cb).on_batch_end is keras.callbacks.Callback.on_batch_end
+    model = small_model()
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert [h["step"] for h in cb.history] == [0]  # only the start of the fit
+
+
+def test_a_fit_longer_than_the_baseline_is_refused_before_the_first_step():
+    model = small_model()
+    x, y = data()
+    rng = np.random.default_rng(0)
+    cal = calibrate_threshold({"head": rng.normal(size=(4, 3))}, 20, every_n_steps=2,
+                              n_resamples=200)  # snapshots at steps 0, 2, 4
+    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, detector=cal, verbose=0)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"runs to step 8, snapshot 4 of group 'head'.*overrun='hold'"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, detector=cal.detectors(overrun="hold"),
+                              verbose=0)
+    with pytest.warns(UserWarning, match="holding its mean and std"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert cb.detectors["head"].n_updates == 5
+
+
+def test_a_group_named_total_is_refused():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="total")])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    with pytest.raises(ValueError, match="named 'total'"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[HessianTraceCallback((x, y), verbose=0)])
