@@ -372,6 +372,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._mixed_layers = mixed_precision_layers(self.model)
         # One read of the step counter per fit; afterwards the step is counted in Python.
         self._step = int(self.model.optimizer.iterations.numpy())
+        # A dataset restarts at each fit: skip the batches of the snapshots already taken
+        # (counted by this callback, or restored from the CSV below).
+        self._skip_batches = len(self.history)
         if self.csv_path is not None:
             self._last_recorded = self._open_csv(self._step)
         if self.log_dir is not None:
