@@ -59,8 +59,9 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
     model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb, Keep()])  # 8 steps
     frame = pd.read_csv(tmp_path / "t.csv")
     assert sorted(frame.step.unique()) == [0, 3, 6]
-    assert set(frame.group) == {"hidden", "head"}
-    assert list(frame.epoch[frame.step == 6]) == [1, 1]
+    assert set(frame.group) == {"hidden", "head", "total"}
+    assert list(frame.epoch[frame.step == 6]) == [1, 1, 1]
+    assert set(frame.status) == {"ok"}
     scalars = read_scalars(tmp_path / "logs")
     check = small_model()
     for step in (0, 3, 6):
@@ -71,6 +72,9 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
             assert row.trace == pytest.approx(direct[g], rel=1e-6)
             assert scalars[f"hessian_trace/{g}"][step] == pytest.approx(direct[g], rel=1e-5)
         assert scalars["hessian_trace/total"][step] == pytest.approx(direct.total, rel=1e-5)
+        total = frame[(frame.step == step) & (frame.group == "total")].iloc[0]
+        assert total.trace == pytest.approx(direct.total, rel=1e-6)
+        assert total.stderr == pytest.approx(direct.total_stderr, rel=1e-6)
 
     # Resume: a second fit appends without a second header or duplicated rows.
     cb2 = HessianTraceCallback(batch, every_n_steps=3, num_probes=4, csv_path=tmp_path / "t.csv",
@@ -78,7 +82,7 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb2])  # steps 9..12
     frame = pd.read_csv(tmp_path / "t.csv")
     assert sorted(frame.step.unique()) == [0, 3, 6, 9, 12]
-    assert len(frame) == 10 and frame.step.dtype.kind == "i"
+    assert len(frame) == 15 and frame.step.dtype.kind == "i"  # 5 snapshots x (2 layers + total)
 
 
 def test_stop_on_alert_and_on_alert(tmp_path):
@@ -124,3 +128,234 @@ def test_bad_input(tmp_path):
         HessianTraceCallback((x, y), csv_path=tmp_path / "nope" / "t.csv")
     with pytest.raises(ValueError, match="not writable"):
         HessianTraceCallback((x, y), csv_path=tmp_path)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+class Recording(HessianTraceCallback):
+    """Keeps the optimiser step and the weights the model had at each snapshot."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = {}
+
+    def _snapshot(self, step):
+        self.seen[step] = (int(self.model.optimizer.iterations.numpy()), self.model.get_weights())
+        super()._snapshot(step)
+
+
+def detector_columns(frame):
+    return frame[["step", "group", "trace", "status", "z", "g_pos", "g_neg", "alert"]]
+
+
+def make_detectors(h_head, h_total):
+    from keras_hesstrace.monitor import Baseline
+
+    # Means differ per snapshot, so a misaligned snapshot index changes every z.
+    head = Baseline(np.arange(8) * 0.3, np.full(8, 0.5))
+    total = Baseline(np.arange(8) * 0.5, np.full(8, 2.0))
+    return {"head": PageHinkley(delta=0.5, threshold=h_head, baseline=head),
+            "total": PageHinkley(delta=0.5, threshold=h_total, baseline=total)}
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def test_resume_in_a_new_process_matches_an_uninterrupted_run(tmp_path):
+    x, y = data()
+    snap_data = tf.data.Dataset.from_tensor_slices((x[:32], y[:32])).batch(16)  # 2 batches, cycled
+    fit = dict(batch_size=16, verbose=0, shuffle=False)  # 4 steps an epoch, snapshots every 3
+
+    def callback(path, dets, seen):
+        return HessianTraceCallback(snap_data, every_n_steps=3, num_probes=3, csv_path=path,
+                                    detector=dets, seed=7, verbose=0,
+                                    on_alert=lambda cb_, g, s, r: seen.append((g, s, r.index)))
+
+    # Uninterrupted: 4 epochs, steps 0..16, snapshots 0, 3, 6, 9, 12, 15.
+    seen_full = []
+    model = small_model()
+    model.fit(x, y, epochs=4, callbacks=[callback(tmp_path / "full.csv", make_detectors(1e-6, 1e9),
+                                                  seen_full)], **fit)
+    full = pd.read_csv(tmp_path / "full.csv")
+    assert sorted(full.step.unique()) == [0, 3, 6, 9, 12, 15]
+    # A threshold for "total" crossed after the interruption (snapshot 4 or 5).
+    g_total = full[full.group == "total"].set_index("step")
+    stat = np.maximum(g_total.g_pos, g_total.g_neg).to_numpy()
+    assert np.all(np.diff(stat[2:]) != 0)
+    h_total = float(np.sort(stat)[-2] + np.sort(stat)[-1]) / 2 if stat[-1] > stat[:-1].max() else None
+    assert h_total is not None and stat[:3].max() < h_total, stat  # no alert before step 8
+
+    def run_interrupted(csv_name, prefill=None):
+        seen = []
+        path = tmp_path / csv_name
+        model = small_model()
+        model.fit(x, y, epochs=2, callbacks=[callback(path, make_detectors(1e-6, h_total), seen)], **fit)
+        model.save(tmp_path / "ckpt.keras")                     # step 8, end of epoch 1
+        del model
+        if prefill is not None:  # crashed after snapshot 9 etc. but before the next checkpoint
+            prefill.to_csv(path, index=False)
+        restored = keras.models.load_model(tmp_path / "ckpt.keras")
+        assert int(restored.optimizer.iterations.numpy()) == 8
+        cb = callback(path, make_detectors(1e-6, h_total), seen)   # fresh detectors: state from the CSV
+        restored.fit(x, y, epochs=4, initial_epoch=2, callbacks=[cb], **fit)
+        return pd.read_csv(path), seen, cb
+
+    frame, seen, cb = run_interrupted("resumed.csv")
+    # Value by value as the uninterrupted run; the alert flags as its statistics say
+    # under the final thresholds.
+    cols = ["step", "epoch", "group", "trace", "stderr", "status", "z", "g_pos", "g_neg"]
+    pd.testing.assert_frame_equal(frame[cols], full[cols], rtol=1e-6)
+    h = {"head": 1e-6, "total": h_total}
+    for g in ("head", "total"):
+        rows = frame[frame.group == g]
+        assert list(rows.alert) == [int(v) for v in np.maximum(rows.g_pos, rows.g_neg) > h[g]]
+    # head alerted at snapshot 0 (before the interruption) and not again; total after it.
+    assert seen == [("head", 0, 0), ("total", 15, 5)]
+    assert cb.detectors["head"].alert_index == 0 and cb.detectors["head"].alert_step == 0
+    assert cb.detectors["total"].n_updates == 6
+
+    # Rows past the checkpoint's step (a crash between snapshot and checkpoint) are dropped.
+    with pytest.warns(UserWarning, match="removing the 9 rows after step 8"):
+        frame2, seen2, _ = run_interrupted("crashed.csv", prefill=frame)
+    pd.testing.assert_frame_equal(frame2[cols + ["alert"]], frame[cols + ["alert"]], rtol=1e-6)
+    assert seen2 == [("head", 0, 0), ("total", 15, 5)]
+
+
+# ----------------------------------------------------------------- unusable snapshots
+
+
+def test_non_finite_trace_is_written_as_nan_and_skipped_by_the_detector(tmp_path):
+    from keras_hesstrace.monitor import Baseline
+
+    model = small_model()
+    x, y = data()
+    bad = x[:16].copy()
+    bad[0, 0] = np.nan  # the second snapshot's batch gives a NaN loss
+    snaps = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
+    ).batch(16)
+    base = Baseline([0.0, 100.0, 0.5, 1.0], [1.0, 1.0, 2.0, 3.0])
+    ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
+    cb = Recording(snaps, every_n_steps=2, num_probes=2, layers=["head"], detector=ph,
+                   csv_path=tmp_path / "n.csv", log_dir=tmp_path / "logs", seed=1, verbose=0)
+    with pytest.warns(RuntimeWarning, match=r"step 2 .*unusable trace for group\(s\) \['head', 'total'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0..4
+    frame = pd.read_csv(tmp_path / "n.csv")
+    head = frame[frame.group == "head"].reset_index(drop=True)
+    assert list(head.step) == [0, 2, 4] and list(head.status) == ["ok", "nonfinite", "ok"]
+    assert np.isnan(head.trace[1]) and np.isnan(head.z[1])
+    assert list(frame[frame.group == "total"].status) == ["ok", "nonfinite", "ok"]
+    # g carried over the skipped snapshot; the next value standardised at index 2.
+    assert (head.g_pos[1], head.g_neg[1]) == (head.g_pos[0], head.g_neg[0])
+    check = small_model()
+    direct = []
+    for step in (0, 4):
+        check.set_weights(cb.seen[step][1])
+        direct.append(layer_traces(check, *next(iter(snaps.skip(step // 2))), num_probes=2,
+                                   seed=snapshot_seed(1, step))["head"])
+    z = [(direct[0] - 0.0) / 1.0, (direct[1] - 0.5) / 2.0]
+    assert [head.z[0], head.z[2]] == pytest.approx(z, rel=1e-6)
+    g_pos = max(0.0, max(0.0, z[0] - 0.1) + z[1] - 0.1)
+    assert head.g_pos[2] == pytest.approx(g_pos, rel=1e-6) and ph.n_updates == 3
+    scalars = read_scalars(tmp_path / "logs")
+    assert sorted(scalars["hessian_trace/head"]) == [0, 4]  # no NaN point in TensorBoard
+    assert sorted(scalars["hessian_trace_detector/head"]) == [0, 2, 4]
+
+
+# -------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_precision_curvature_is_float32(tmp_path):
+    x, y = data()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = small_model()
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert model.layers[0].compute_dtype == "float16"
+    twin = small_model()  # float32 throughout
+    batch = (x[:32], y[:32])
+    cb = Recording(batch, every_n_steps=2, num_probes=4, csv_path=tmp_path / "m.csv", seed=3,
+                   verbose=0)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # snapshots 0, 2, 4
+    frame = pd.read_csv(tmp_path / "m.csv")
+    assert sorted(frame.step.unique()) == [0, 2, 4]
+    for step in (0, 2, 4):
+        twin.set_weights(cb.seen[step][1])
+        ref = layer_traces(twin, *batch, num_probes=4, seed=snapshot_seed(3, step))
+        for g in ("hidden", "head", "total"):
+            row = frame[(frame.step == step) & (frame.group == g)].iloc[0]
+            want = ref.total if g == "total" else ref[g]
+            se = ref.total_stderr if g == "total" else ref.stderr[ref.groups.index(g)]
+            # Same probes, float32 arithmetic: far inside one standard error.
+            assert abs(row.trace - want) <= 1e-3 * se
+            assert row.trace == pytest.approx(want, rel=1e-5)
+    # Policies restored, training still in float16, the float32 functions traced once.
+    assert [layer.dtype_policy.name for layer in model.layers] == ["mixed_float16"] * 2
+    assert model(x[:2]).dtype == "float16"
+    assert sum(op.tracing_count() for op in cb._float32_cache.values()) == 1
+
+
+# ------------------------------------------------------------------ step bookkeeping
+
+
+def test_steps_per_execution_snapshots_at_the_true_optimiser_step(tmp_path):
+    model = small_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.05), steps_per_execution=3,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    batch = (x[:32], y[:32])
+    cb = Recording(batch, every_n_steps=4, num_probes=2, csv_path=tmp_path / "s.csv", seed=2,
+                   verbose=0)
+    # 8 steps an epoch in executions of 3, 3, 2: the hooks see steps 0, 3, 6 and 8 (epoch
+    # end); the first boundary at or after each multiple of 4 is 6, 8, 14, 16.
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
+    frame = pd.read_csv(tmp_path / "s.csv")
+    assert sorted(frame.step.unique()) == [0, 6, 8, 14, 16]
+    assert list(frame[frame.group == "head"].epoch) == [0, 0, 0, 1, 1]
+    assert {step: it for step, (it, _) in cb.seen.items()} == {s: s for s in (0, 6, 8, 14, 16)}
+    check = small_model()
+    for step in (6, 16):
+        check.set_weights(cb.seen[step][1])
+        direct = layer_traces(check, *batch, num_probes=2, seed=snapshot_seed(2, step))
+        row = frame[(frame.step == step) & (frame.group == "head")].iloc[0]
+        assert row.trace == pytest.approx(direct["head"], rel=1e-6)
+
+
+def test_nothing_runs_between_snapshots():
+    cb = HessianTraceCallback(data(), every_n_steps=10**9, verbose=0)
+    # Not overriding on_train_batch_end keeps Keras's asynchronous batch-end dispatch.
+    assert type(cb).on_train_batch_end is keras.callbacks.Callback.on_train_batch_end
+    assert type(cb).on_batch_end is keras.callbacks.Callback.on_batch_end
+    model = small_model()
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert [h["step"] for h in cb.history] == [0]  # only the start of the fit
+
+
+def test_a_fit_longer_than_the_baseline_is_refused_before_the_first_step():
+    model = small_model()
+    x, y = data()
+    rng = np.random.default_rng(0)
+    cal = calibrate_threshold({"head": rng.normal(size=(4, 3))}, 20, every_n_steps=2,
+                              n_resamples=200)  # snapshots at steps 0, 2, 4
+    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, detector=cal, verbose=0)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"runs to step 8, snapshot 4 of group 'head'.*overrun='hold'"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, detector=cal.detectors(overrun="hold"),
+                              verbose=0)
+    with pytest.warns(UserWarning, match="holding its mean and std"):
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[cb])
+    assert cb.detectors["head"].n_updates == 5
+
+
+def test_a_group_named_total_is_refused():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="total")])
+    model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data()
+    with pytest.raises(ValueError, match="named 'total'"):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[HessianTraceCallback((x, y), verbose=0)])

@@ -214,3 +214,33 @@ def test_baseline_errors():
         Baseline.from_runs(np.array([1.0, 2.0, 3.0]))
     with pytest.raises(ValueError, match="past the baseline"):
         Baseline([0.0], [1.0]).standardize([1.0, 2.0])
+
+
+def test_skip_advances_the_snapshot_index_and_leaves_g_unchanged():
+    # Baseline means 0, 10, 20, 30: after skipping snapshot 1, the value 21 is
+    # standardised with snapshot 2's mean (z = 1), not snapshot 1's (z = 11).
+    base = Baseline([0.0, 10.0, 20.0, 30.0], [1.0, 1.0, 1.0, 1.0])
+    ph = PageHinkley(delta=0.5, threshold=3.0, baseline=base)
+    r0 = ph.update(2.0, step=0)                      # z 2: g+ 1.5
+    s = ph.skip(step=5, value=float("nan"))
+    assert (s.index, s.step, s.g_pos, s.g_neg, s.alert, s.first_alert) == (1, 5, 1.5, 0.0, False, False)
+    assert math.isnan(s.z) and math.isnan(s.value)
+    assert ph.n_updates == 2 and ph.g_pos == r0.g_pos and ph.last_step == 5
+    r2 = ph.update(21.0, step=10)
+    assert (r2.index, r2.z, r2.g_pos) == (2, 1.0, 2.0)
+    r3 = ph.update(32.0, step=15)                    # z 2: g+ 3.5 > 3
+    assert r3.first_alert and ph.alert_index == 3
+    s = ph.skip(step=20)                             # still above h: alert, not first
+    assert s.alert and not s.first_alert and s.statistic == 3.5
+    ph.skip(step=25)                                 # past the baseline: no error
+    assert ph.n_updates == 6
+    # The reference recursion on the usable values, each at its own snapshot index.
+    z = [2.0, 1.0, 2.0]
+    gps, _, first = reference(z, 0.5, 3.0)
+    assert gps[-1] == ph.g_pos and first == 3
+    # usable(): what update() would accept.
+    assert ph.usable(1.0) and ph.usable(-1.0) and not ph.usable(float("nan"))
+    log_ph = PageHinkley(threshold=3.0, transform="log")
+    assert log_ph.usable(0.1) and not log_ph.usable(0.0) and not log_ph.usable(-1.0)
+    state = json.loads(json.dumps(ph.get_state()))
+    assert PageHinkley.from_state(state).get_state() == ph.get_state()

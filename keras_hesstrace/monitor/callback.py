@@ -1,34 +1,113 @@
 """HessianTraceCallback: layer-wise Hessian traces during ``model.fit``, to CSV and TensorBoard.
 
-Snapshots are taken at the optimiser step the fit starts from (when it is a multiple of
-``every_n_steps``, e.g. step 0) and whenever the step crosses a multiple of
-``every_n_steps``; with ``steps_per_execution > 1`` the hook runs once per execution
-and the crossing is detected on the step count, not on a batch counter. Between
-snapshots the hook does integer arithmetic only.
+When snapshots are taken. ``step`` is the optimiser step (``optimizer.iterations``): the
+number of updates applied so far. A snapshot is taken at the step a fit starts from when
+it is a multiple of ``every_n_steps`` (e.g. step 0), and whenever the step crosses a
+multiple of ``every_n_steps``. The check runs in ``on_train_batch_begin`` (the weights
+there are those after ``step`` updates) and once more in ``on_epoch_end`` (for the last
+step of an epoch). With ``steps_per_execution = k > 1`` Keras calls the hooks once per
+execution, so the snapshot lands on the first execution boundary at or after the multiple
+(e.g. every_n_steps=4, k=3: steps 0, 6, ...), recorded with its true step. Between
+snapshots the hook does integer arithmetic only, reads nothing from the device and does
+not override ``on_train_batch_end``, so Keras keeps its asynchronous batch-end dispatch.
+
+Mixed precision. For a model with a mixed policy (e.g. ``mixed_float16``: float32
+variables, float16 compute), the snapshot switches every such layer to its variable dtype
+while the curvature is computed, so the Hessian is float32 throughout, and switches it
+back before returning. The float32 Hessian functions are traced once, at the first
+snapshot, and kept by the callback (not in the model's operator cache, which keeps the
+model's own-policy functions).
+
+Resuming. The CSV is the detector's memory: at ``on_train_begin`` a callback pointed at
+an existing CSV restores each detector (snapshot index = number of rows of its group,
+g+ and g- from the last row, the first alert from the first row with alert = 1). Rows
+past the step the fit resumes from (snapshots of a trajectory the restored checkpoint
+discarded) are removed from the file, with a warning. With a ``tf.data.Dataset`` as
+``data``, the dataset is advanced by the number of snapshots already recorded, so the
+snapshot k uses the same batch as in an uninterrupted run.
 """
 
+import contextlib
 import csv
+import logging
+import math
 import os
 import time
+import warnings
 
 import numpy as np
 import tensorflow as tf
 import keras
-from keras.src.utils import io_utils
 
 from keras_hesstrace.groups import layer_groups
+from keras_hesstrace.hvp import _CACHE_ATTR
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.detector import PageHinkley
 from keras_hesstrace.trace import layer_traces
 
+TOTAL = "total"
 _BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
-                 "wall_time"]
+                 "wall_time", "status"]
 _DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
+_NAN = float("nan")
+_logger = logging.getLogger("keras_hesstrace")
 
 
 def snapshot_seed(seed, step):
     """The probe seed of the snapshot at optimiser ``step``: distinct per snapshot."""
     return int(seed) * (2**32) + int(step)
+
+
+def _flag(text):
+    """A CSV alert cell as a bool: "1" as written here, "1.0" after a pandas round trip."""
+    text = text.strip()
+    return text not in ("", "nan") and float(text) != 0
+
+
+def _say(message):
+    """Print as Keras prints (stdout when interactive logging is on, else the logger)."""
+    if keras.config.is_interactive_logging_enabled():
+        print(message, flush=True)
+    else:
+        _logger.info(message)
+
+
+def mixed_precision_layers(model):
+    """The layers of ``model`` (itself and nested ones) whose compute dtype differs from
+    their variable dtype, e.g. under the ``mixed_float16`` policy."""
+    out = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if isinstance(layer.dtype_policy, keras.dtype_policies.DTypePolicyMap):
+            continue  # quantised per-path policies: left as they are
+        if layer.compute_dtype != layer.variable_dtype:
+            out.append(layer)
+    return out
+
+
+@contextlib.contextmanager
+def float32_curvature(model, layers, cache):
+    """Within the block, ``layers`` compute in their variable dtype and ``model``'s
+    Hessian operators come from ``cache`` (a dict kept by the caller).
+
+    Keras reads the dtype policy when a function is traced, not when it runs, so
+    the operators traced here compute in float32 whatever the policy is later; the
+    separate cache keeps them apart from the model's own mixed-precision operators.
+    Policies and cache are restored on exit, also when the block raises.
+    """
+    saved_policies = [(layer, layer.dtype_policy) for layer in layers]
+    saved_cache = model.__dict__.get(_CACHE_ATTR)
+    object.__setattr__(model, _CACHE_ATTR, cache)
+    try:
+        for layer, policy in saved_policies:
+            layer.dtype_policy = policy.variable_dtype
+        yield
+    finally:
+        for layer, policy in saved_policies:
+            layer.dtype_policy = policy
+        if saved_cache is None:
+            object.__delattr__(model, _CACHE_ATTR)
+        else:
+            object.__setattr__(model, _CACHE_ATTR, saved_cache)
 
 
 class HessianTraceCallback(keras.callbacks.Callback):
@@ -40,19 +119,30 @@ class HessianTraceCallback(keras.callbacks.Callback):
         every_n_steps: optimiser steps between snapshots (>= 1).
         num_probes: Rademacher probes (HVPs) per snapshot (>= 1).
         groups: grouping passed to ``layer_traces`` (``"layer"``, ``"variable"``, ...).
-        layers: names of the groups to record (default: all).
-        csv_path: tidy CSV, one row per (snapshot, group); appended to on resume.
+        layers: names of the groups to record (default: all). The total trace over
+            all trainable variables is always recorded too, as group ``"total"``.
+        csv_path: tidy CSV, one row per (snapshot, group), flushed at every snapshot;
+            a resumed fit appends to it and restores the detectors from it.
         log_dir: TensorBoard run directory (scalars under ``log_dir/train``, as
-            ``keras.callbacks.TensorBoard`` writes them).
+            ``keras.callbacks.TensorBoard`` writes them). Needs the ``tensorboard``
+            package (without it TensorFlow writes no scalars and raises nothing).
         detector: None; a ``Calibration`` (one detector per calibrated group; refused
             if made for other groups or another ``every_n_steps``); a dict group ->
             ``PageHinkley``; or a ``PageHinkley`` when exactly one group is recorded.
-        stop_on_alert: set ``model.stop_training`` at the first alert.
+            ``"total"`` can be a detector group.
+        stop_on_alert: set ``model.stop_training`` at the first alert (Keras stops
+            after the step in progress).
         on_alert: optional ``f(callback, group, step, result)`` called at each group's
             first alert.
         seed: base probe seed; the snapshot at step s uses ``snapshot_seed(seed, s)``.
         verbose: 1 prints alerts.
         loss: loss for the Hessian (default: the compiled loss).
+
+    CSV columns: step, epoch, group, trace, stderr, num_probes, probe_seed, wall_time,
+    status ("ok"; "nonfinite": the estimate was NaN/inf, written as NaN and skipped by
+    the detector; "nonpositive": a value <= 0 that a ``transform="log"`` detector
+    cannot take, kept in the CSV and skipped by the detector), then z, g_pos, g_neg,
+    alert when a detector is set (empty for groups without one).
 
     Example:
         >>> cb = HessianTraceCallback((x[:256], y[:256]), every_n_steps=50,
@@ -81,6 +171,14 @@ class HessianTraceCallback(keras.callbacks.Callback):
             target = csv_path if os.path.exists(csv_path) else parent
             if not os.access(target, os.W_OK) or os.path.isdir(csv_path):
                 raise ValueError(f"csv_path {csv_path!r} is not writable.")
+        if log_dir is not None:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "log_dir needs the tensorboard package (pip install tensorboard): "
+                    "without it TensorFlow silently writes no scalars."
+                ) from None
         if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
             raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
                             "group -> PageHinkley.")
@@ -102,14 +200,22 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.detectors = None
         self.history = []  # one dict per snapshot: step, epoch, TraceResult
         self._iterator = None
+        self._skip_batches = 0
         self._writer = None
         self._csv_file = None
         self._last_recorded = -1
+        self._float32_cache = {}  # Hessian operators traced in float32 (mixed precision)
+        self._mixed_layers = []
 
     # ------------------------------------------------------------------ setup
 
     def _resolve_groups(self):
         names = list(layer_groups(self.model, by=self.groups))
+        if TOTAL in names:
+            raise ValueError(
+                f"A group is named {TOTAL!r}, the name the callback gives the total trace; "
+                "rename the layer or use a grouping that avoids the name."
+            )
         if self.layers is None:
             return names
         missing = [g for g in self.layers if g not in names]
@@ -119,10 +225,11 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     def _resolve_detectors(self, names):
         det = self.detector
+        recordable = names + [TOTAL]
         if det is None:
             return {}
         if isinstance(det, Calibration):
-            det.check_compatible(names, self.every_n_steps)
+            det.check_compatible(recordable, self.every_n_steps)
             return det.detectors()
         if isinstance(det, PageHinkley):
             if len(names) != 1:
@@ -131,9 +238,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     "pass layers=[...] or a dict group -> PageHinkley."
                 )
             return {names[0]: det}
-        unknown = [g for g in det if g not in names]
+        unknown = [g for g in det if g not in recordable]
         if unknown:
-            raise ValueError(f"detector groups {unknown} are not recorded; recorded: {names}.")
+            raise ValueError(f"detector groups {unknown} are not recorded; recorded: "
+                             f"{recordable}.")
         return dict(det)
 
     def _next_batch(self):
@@ -141,7 +249,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
             return self.data
         for attempt in range(2):
             if self._iterator is None:
-                self._iterator = iter(self.data)
+                data = self.data
+                if self._skip_batches:  # line up with the snapshots already recorded
+                    card = int(data.cardinality())
+                    skip = self._skip_batches % card if card > 0 else self._skip_batches
+                    data = data.skip(skip)
+                    self._skip_batches = 0
+                self._iterator = iter(data)
             try:
                 batch = next(self._iterator)
             except StopIteration:
@@ -152,9 +266,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
             return batch
         raise ValueError("data (tf.data.Dataset) yielded no batch.")
 
-    def _open_csv(self):
-        columns = _BASE_COLUMNS + (_DETECTOR_COLUMNS if self.detectors else [])
-        last = -1
+    def _columns(self):
+        return _BASE_COLUMNS + (_DETECTOR_COLUMNS if self.detectors else [])
+
+    def _open_csv(self, step):
+        """Open the CSV for appending; on resume restore the detectors from it.
+
+        Returns the last recorded step (-1 for a new file).
+        """
+        columns = self._columns()
+        rows = []
         if os.path.exists(self.csv_path) and os.path.getsize(self.csv_path) > 0:
             with open(self.csv_path, newline="") as f:
                 reader = csv.reader(f)
@@ -164,46 +285,125 @@ class HessianTraceCallback(keras.callbacks.Callback):
                         f"{self.csv_path!r} has columns {header}, this callback writes "
                         f"{columns}: use another csv_path."
                     )
-                for row in reader:
-                    if row:
-                        last = max(last, int(row[0]))
-            new = False
-        else:
-            new = True
+                rows = [dict(zip(columns, row)) for row in reader if row]
+            later = [r for r in rows if int(r["step"]) > step]
+            if later:
+                rows = [r for r in rows if int(r["step"]) <= step]
+                warnings.warn(
+                    f"{self.csv_path!r} holds snapshots up to step "
+                    f"{max(int(r['step']) for r in later)} but the fit resumes from step "
+                    f"{step}: removing the {len(later)} rows after step {step} (a trajectory "
+                    "the restored checkpoint discarded).",
+                    stacklevel=3,
+                )
+                tmp = self.csv_path + ".tmp"
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(columns)
+                    writer.writerows([r[c] for c in columns] for r in rows)
+                os.replace(tmp, self.csv_path)
+            self._restore(rows)
+        new = not rows and not (os.path.exists(self.csv_path)
+                                and os.path.getsize(self.csv_path) > 0)
         self._csv_file = open(self.csv_path, "a", newline="")
         self._csv_writer = csv.writer(self._csv_file)
         if new:
             self._csv_writer.writerow(columns)
             self._csv_file.flush()
-        return last
+        return max((int(r["step"]) for r in rows), default=-1)
+
+    def _restore(self, rows):
+        """Detector state and dataset position from the CSV rows of earlier fits."""
+        if not rows:
+            return
+        expected = set(self._names) | {TOTAL}
+        found = {r["group"] for r in rows}
+        if found != expected:
+            raise ValueError(
+                f"{self.csv_path!r} records groups {sorted(found)}, this callback records "
+                f"{sorted(expected)}: use another csv_path, or the same groups/layers."
+            )
+        self._skip_batches = len({r["step"] for r in rows})
+        for g, det in self.detectors.items():
+            mine = [r for r in rows if r["group"] == g]
+            if any(r["g_pos"].strip() in ("", "nan") for r in mine):
+                raise ValueError(
+                    f"{self.csv_path!r} has rows of group {g!r} written without a detector "
+                    "on it, so its detector cannot be restored: use another csv_path."
+                )
+            det.reset()
+            det.n_updates = len(mine)
+            det.g_pos = float(mine[-1]["g_pos"])
+            det.g_neg = float(mine[-1]["g_neg"])
+            det.last_step = int(mine[-1]["step"])
+            for i, r in enumerate(mine):
+                if _flag(r["alert"]):
+                    det.alert_index, det.alert_step = i, int(r["step"])
+                    break
+
+    def _check_overrun(self, epoch):
+        """Raise before the first step when the fit will outrun a detector's baseline."""
+        steps, epochs = self.params.get("steps"), self.params.get("epochs")
+        if not steps or not epochs:
+            return
+        last = self._step + (int(epochs) - int(epoch)) * int(steps)
+        n = self.every_n_steps
+        future = last // n - self._step // n
+        if self._step % n == 0 and self._step > self._last_recorded:
+            future += 1
+        for g, det in self.detectors.items():
+            if det.baseline is None or det.overrun != "error":
+                continue
+            final = det.n_updates + future - 1
+            if final >= len(det.baseline):
+                raise ValueError(
+                    f"This fit runs to step {last}, snapshot {final} of group {g!r}, past "
+                    f"its detector's baseline (snapshots 0..{len(det.baseline) - 1}, every "
+                    f"{n} steps, up to step {(len(det.baseline) - 1) * n}). Calibrate on "
+                    "longer clean runs, fit fewer epochs, or build the detector with "
+                    "overrun='hold' (e.g. Calibration.detectors(overrun='hold'))."
+                )
 
     def on_train_begin(self, logs=None):
         names = self._resolve_groups()
         if self.detectors is None:
             self.detectors = self._resolve_detectors(names)
         self._names = names
-        self._last_recorded = max(self._last_recorded, -1)
+        self._mixed_layers = mixed_precision_layers(self.model)
+        # One read of the step counter per fit; afterwards the step is counted in Python.
+        self._step = int(self.model.optimizer.iterations.numpy())
+        # A dataset restarts at each fit: skip the batches of the snapshots already taken
+        # (counted by this callback, or restored from the CSV below).
+        self._skip_batches = len(self.history)
         if self.csv_path is not None:
-            self._last_recorded = max(self._last_recorded, self._open_csv())
+            self._last_recorded = self._open_csv(self._step)
         if self.log_dir is not None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
         if isinstance(self.data, tf.data.Dataset):
             self._next_batch_cache = self._next_batch()  # fails now on an empty dataset
-        # One read of the step counter per fit; afterwards the step is counted in Python.
-        self._step = int(self.model.optimizer.iterations.numpy())
-        self._epoch = 0
-        if self._step % self.every_n_steps == 0:
-            self._snapshot(self._step)
+        self._epoch = None
+        self._first_epoch = True
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
         self._epoch_start_step = self._step
+        if self._first_epoch:
+            self._first_epoch = False
+            self._check_overrun(epoch)
+            if self._step % self.every_n_steps == 0:
+                self._snapshot(self._step)
 
-    def on_train_batch_end(self, batch, logs=None):
-        previous = self._step
-        self._step = self._epoch_start_step + batch + 1
-        if self._step // self.every_n_steps > previous // self.every_n_steps:
-            self._snapshot(self._step)
+    def on_train_batch_begin(self, batch, logs=None):
+        self._advance(self._epoch_start_step + batch)
+
+    def on_epoch_end(self, epoch, logs=None):
+        # One read per epoch: the step after the epoch's last execution.
+        self._advance(int(self.model.optimizer.iterations.numpy()))
+
+    def _advance(self, step):
+        previous, self._step = self._step, step
+        if step // self.every_n_steps > previous // self.every_n_steps:
+            self._snapshot(step)
 
     def on_train_end(self, logs=None):
         if self._csv_file is not None:
@@ -216,6 +416,20 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     # --------------------------------------------------------------- snapshot
 
+    def _traces(self, x, y, probe_seed):
+        with warnings.catch_warnings():
+            # A non-finite estimate is reported once, by _snapshot, with the step.
+            warnings.filterwarnings("ignore", message="Non-finite Hessian trace",
+                                    category=RuntimeWarning)
+            if not self._mixed_layers:
+                return layer_traces(self.model, x, y, num_probes=self.num_probes,
+                                    groups=self.groups, seed=probe_seed, loss=self.loss,
+                                    verbose=0)
+            with float32_curvature(self.model, self._mixed_layers, self._float32_cache):
+                return layer_traces(self.model, x, y, num_probes=self.num_probes,
+                                    groups=self.groups, seed=probe_seed, loss=self.loss,
+                                    verbose=0)
+
     def _snapshot(self, step):
         if step <= self._last_recorded:
             return  # already in the CSV (a resumed fit)
@@ -226,25 +440,33 @@ class HessianTraceCallback(keras.callbacks.Callback):
         else:
             x, y = self._next_batch()
         probe_seed = snapshot_seed(self.seed, step)
-        result = layer_traces(self.model, x, y, num_probes=self.num_probes, groups=self.groups,
-                              seed=probe_seed, loss=self.loss, verbose=0)
+        result = self._traces(x, y, probe_seed)
         wall = time.time()
-        trace, stderr = result.trace, result.stderr
-        rows, alerts = [], []
-        for g in self._names:
-            i = result.groups.index(g)
-            row = [step, self._epoch, g, float(trace[i]), float(stderr[i]), self.num_probes,
-                   probe_seed, wall]
+        values = {g: (float(result.trace[result.groups.index(g)]),
+                      float(result.stderr[result.groups.index(g)])) for g in self._names}
+        values[TOTAL] = (result.total, result.total_stderr)
+        rows, alerts, bad = [], [], []
+        for g in self._names + [TOTAL]:
+            value, err = values[g]
+            status = "ok" if math.isfinite(value) else "nonfinite"
+            if status != "ok":
+                value, err = _NAN, _NAN
+                bad.append(g)
+            row = [step, self._epoch, g, value, err, self.num_probes, probe_seed, wall]
+            extra = []
             if self.detectors:
                 det = self.detectors.get(g)
-                if det is None or not np.isfinite(trace[i]):
-                    row += ["", "", "", ""]
+                if det is None:
+                    extra = ["", "", "", ""]
                 else:
-                    r = det.update(float(trace[i]), step=step)
-                    row += [r.z, r.g_pos, r.g_neg, int(r.alert)]
+                    if status == "ok" and not det.usable(value):
+                        status = "nonpositive"
+                        bad.append(g)
+                    r = det.update(value, step=step) if status == "ok" else det.skip(step, value)
+                    extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
                     if r.first_alert:
                         alerts.append((g, r))
-            rows.append(row)
+            rows.append(row + [status] + extra)
         self.history.append({"step": step, "epoch": self._epoch, "result": result})
         self._last_recorded = step
         if self._csv_file is not None:
@@ -252,16 +474,25 @@ class HessianTraceCallback(keras.callbacks.Callback):
             self._csv_file.flush()
         if self._writer is not None:
             with self._writer.as_default(step=step):
-                for g in self._names:
-                    tf.summary.scalar(f"hessian_trace/{g}", float(trace[result.groups.index(g)]))
-                tf.summary.scalar("hessian_trace/total", result.total)
+                for g in self._names + [TOTAL]:
+                    if math.isfinite(values[g][0]):
+                        tf.summary.scalar(f"hessian_trace/{g}", values[g][0])
                 for g, det in (self.detectors or {}).items():
                     tf.summary.scalar(f"hessian_trace_detector/{g}", det.statistic)
                     tf.summary.scalar(f"hessian_trace_alert/{g}", float(det.alerted))
             self._writer.flush()
+        if bad:
+            warnings.warn(
+                f"HessianTraceCallback: step {step} (epoch {self._epoch}): unusable trace "
+                f"for group(s) {bad} (loss {result.loss:.4g}); written with status "
+                "'nonfinite' (trace NaN) or 'nonpositive', and skipped by the detector "
+                "(snapshot index advanced, g+ and g- unchanged).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         for g, r in alerts:
             if self.verbose:
-                io_utils.print_msg(
+                _say(
                     f"\nHessianTraceCallback: alert on group {g!r} at step {step} "
                     f"(epoch {self._epoch}): statistic {r.statistic:.3f} > "
                     f"{self.detectors[g].threshold:.3f}."

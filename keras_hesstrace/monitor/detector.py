@@ -9,7 +9,7 @@ with g+_0 = g-_0 = 0. The rule alerts at the first t with max(g+_t, g-_t) > h.
 
 Contents:
     Baseline            mu0_t, sigma0_t per snapshot of one group, from clean runs.
-    PageHinkley         the online detector (update / reset / get_state / from_state).
+    PageHinkley         the online detector (update / skip / reset / get_state / from_state).
     PageHinkleyResult   what ``PageHinkley.update`` returns.
     page_hinkley_statistics, run_lengths
                         the same recursion vectorised over many trajectories.
@@ -444,6 +444,37 @@ class PageHinkley:
             self.alert_step = step
         return PageHinkleyResult(index, step, float(value), z, self.g_pos, self.g_neg,
                                  stat, bool(alert), bool(first))
+
+    def skip(self, step=None, value=float("nan")):
+        """Pass over a snapshot whose value is unusable (non-finite, or <= 0 under ``"log"``).
+
+        The snapshot index advances, so the next value is standardised with the baseline
+        of the snapshot it really belongs to, but g+ and g- are left unchanged: a missing
+        value neither raises nor lowers the evidence. No baseline lookup is made, so
+        skipping past the baseline's end does not raise.
+
+        Args:
+            step: a label kept with the result (e.g. optimiser step).
+            value: the unusable value, kept in the result for the record.
+
+        Returns:
+            ``PageHinkleyResult`` with ``z`` NaN, the unchanged g+ and g-, ``alert``
+            as the unchanged statistic says, and ``first_alert`` False.
+        """
+        index = self.n_updates
+        self.n_updates = index + 1
+        self.last_step = step
+        stat = self.statistic
+        return PageHinkleyResult(index, step, float(value), float("nan"), self.g_pos,
+                                 self.g_neg, stat, bool(stat > self.threshold), False)
+
+    def usable(self, value):
+        """True when ``update(value)`` can take ``value`` (finite, and > 0 under ``"log"``)."""
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            return False
+        return math.isfinite(x) and (self.transform is None or x > 0)
 
     def get_state(self):
         """JSON-compatible dict of configuration and state; see ``from_state``."""
