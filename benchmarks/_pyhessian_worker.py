@@ -12,7 +12,6 @@ Prints one JSON line "RESULT {...}".
 """
 
 import json
-import statistics
 import sys
 import time
 
@@ -20,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 from pyhessian import hessian
+
+from _timing import timed
 
 
 class BasicBlock(nn.Module):
@@ -55,17 +56,6 @@ class ResNet18(nn.Module):
         h = torch.relu(self.bn(self.conv(x)))
         h = self.blocks(h)
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
-
-
-def timed(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def main(npz, threads, reps, warmup, probes, skip_layers):

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from _timing import timed
+
 OPS = [
     ("gradient", {"jit": False}),
     ("gradient", {"jit": True}),
@@ -57,17 +59,6 @@ def _setup(batch, arch):
     x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
     y = rng.integers(0, 10, size=batch)
     return model, x, y
-
-
-def _time(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def worker(op, opts, batch, warmup, reps, arch):
@@ -126,7 +117,7 @@ def worker(op, opts, batch, warmup, reps, arch):
         op_.matvec(xt, yt, masks[0])  # the one trace and compile, outside the timing
     else:
         raise ValueError(op)
-    times = _time(fn, warmup, reps)
+    _, times = timed(fn, warmup, reps)
     if op == "probe":
         times = [t / per_call for t in times]  # per probe
     return {

@@ -24,11 +24,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from _timing import timed
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(HERE, ".venv-torch")
@@ -42,17 +43,6 @@ def ensure_torch_env():
         subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0"], check=True)
         subprocess.run([python, "-m", "pip", "install", "-q", "pyhessian", "numpy"], check=True)
     return python
-
-
-def timed(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def ours(npz, reps, warmup, probes, trace_probes):
@@ -79,9 +69,9 @@ def ours(npz, reps, warmup, probes, trace_probes):
             loss = objective(x, y)
         return tape.gradient(loss, variables)
 
-    out["gradient_s"] = timed(lambda: [g.numpy() for g in grad(x, y)], warmup, reps)
+    out["gradient_s"], _ = timed(lambda: [g.numpy() for g in grad(x, y)], warmup, reps)
     v = [np.random.default_rng(1).choice([-1.0, 1.0], size=w.shape).astype("float32") for w in variables]
-    out["hvp_s"] = timed(lambda: [h.numpy() for h in kh.hvp(model, x, y, v)], warmup, reps)
+    out["hvp_s"], _ = timed(lambda: [h.numpy() for h in kh.hvp(model, x, y, v)], warmup, reps)
     kh.layer_traces(model, x, y, num_probes=1, seed=0)  # trace + compile once, outside the timings
     start = time.perf_counter()
     r = kh.layer_traces(model, x, y, num_probes=trace_probes, seed=1)
