@@ -1,0 +1,2 @@
+def run_demo(*a, **k):
+    raise NotImplementedError
