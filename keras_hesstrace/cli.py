@@ -67,7 +67,7 @@ def _experiment(args):
         print(json.dumps(config.to_dict(), indent=1))
         return 0
     if args.plan:
-        print(json.dumps(mem.plan(config), indent=1))
+        print(json.dumps(mem.plan(config, args.step_seconds, args.hvp_seconds), indent=1))
         return 0
     out = args.out or os.path.join("runs", config.name)
     if args.summarize_only:
@@ -86,10 +86,10 @@ def build_parser():
     demo = sub.add_parser(
         "demo",
         help="offline demo on the bundled digits: calibrate on clean runs, alert on a "
-             "noisy-label run (about 4 minutes on 2 CPU cores)")
+             "noisy-label run (a few minutes on 2 CPU cores)")
     demo.add_argument("--out", default="hesstrace-demo",
                       help="output folder: CSV, TensorBoard logs, calibration, PNG (default hesstrace-demo)")
-    demo.add_argument("--epochs", type=int, default=12, help="epochs per run (default 12)")
+    demo.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
     demo.add_argument("--clean-runs", type=int, default=4,
                       help="clean calibration runs, >= 3 (default 4)")
     demo.add_argument("--noise-rate", type=float, default=0.4,
@@ -119,6 +119,10 @@ def build_parser():
     exp.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     exp.add_argument("--plan", action="store_true",
                      help="print the runs, steps and HVPs the settings cost, and exit")
+    exp.add_argument("--step-seconds", type=float, default=None,
+                     help="with --plan: measured seconds per optimiser step, for a time estimate")
+    exp.add_argument("--hvp-seconds", type=float, default=None,
+                     help="with --plan: measured seconds per HVP on the probe batch")
     exp.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     exp.add_argument("--summarize-only", action="store_true",
                      help="only rewrite the summary and plots from the finished runs")
