@@ -34,7 +34,6 @@ OPS = [
     ("hvp", {"mode": "reverse", "jit": True}),
     ("hvp", {"mode": "forward", "jit": True}),
     ("probe", {"jit": False}),
-    ("probe", {"jit": False, "per_call": 2}),
     ("probe", {"jit": False, "per_call": 4}),
     ("probe", {"jit": True}),
     ("masked", {"jit": False}),

@@ -1,0 +1,208 @@
+"""The memorisation runner: a tiny grid end to end, its files, and resuming after a kill."""
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from keras_hesstrace.experiments import memorisation as mem
+from keras_hesstrace.experiments import plan, preset, run_experiment
+from keras_hesstrace.monitor import Calibration
+
+TINY = dict()  # the "tiny" preset: 3 calibration + 1 held-out clean + 1 noisy run, 2 epochs
+STEPS_PER_EPOCH = 8  # 256 training examples / batch 32
+SNAPSHOTS = 2 * STEPS_PER_EPOCH // 4 + 1  # every 4 steps, step 0 included
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    config = preset("tiny", **TINY)
+    frame = run_experiment(config, out, progress=False)
+    return config, out, frame
+
+
+def _run_dirs(out):
+    root = out / "small_cnn-digits" / "runs"
+    return {p.name: p for p in sorted(root.iterdir())}
+
+
+def test_every_run_finished_with_its_files(finished):
+    config, out, _ = finished
+    runs = _run_dirs(out)
+    assert sorted(runs) == ["calibration-eta0.00-seed0", "calibration-eta0.00-seed1",
+                            "calibration-eta0.00-seed2", "clean-eta0.00-seed3",
+                            "noisy-eta0.60-seed4"]
+    for name, d in runs.items():
+        assert sorted(os.listdir(d)) == ["result.json", "traces.csv"]  # checkpoint removed
+        res = json.loads((d / "result.json").read_text())
+        assert res["run_id"] == name and res["n_snapshots"] == SNAPSHOTS
+        assert res["steps_per_epoch"] == STEPS_PER_EPOCH and res["segments"] == 1
+        assert 0.0 <= res["test_accuracy"] <= 1.0
+        frame = pd.read_csv(d / "traces.csv")
+        # the callback's CSV: one row per (snapshot, layer)
+        assert list(frame.columns) == ["step", "epoch", "group", "trace", "stderr",
+                                       "num_probes", "probe_seed", "wall_time"]
+        assert sorted(frame["step"].unique()) == list(range(0, 17, 4))
+        assert set(frame["group"]) == {"conv1", "conv2", "dense", "head"}
+        assert (frame["num_probes"] == config.num_probes).all()
+    noisy = json.loads((runs["noisy-eta0.60-seed4"] / "result.json").read_text())
+    assert noisy["noise_rate"] == 0.6 and 0.45 < noisy["n_corrupted"] / noisy["n_train"] < 0.75
+
+
+def test_summary_detections_calibration_and_plots_schema(finished):
+    config, out, frame = finished
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.columns) == mem.SUMMARY_COLUMNS
+    assert summary["noise_rate"].tolist() == [0.0, 0.6]
+    assert summary["runs_source"].tolist() == ["heldout", "noisy"]
+    assert (summary["n_runs"] == 1).all()
+    assert ((summary["alert_rate_low"] <= summary["alert_rate"])
+            & (summary["alert_rate"] <= summary["alert_rate_high"])).all()
+    pd.testing.assert_frame_equal(frame.reset_index(drop=True), summary, check_dtype=False)
+
+    det = pd.read_csv(out / "detections.csv")
+    assert list(det.columns) == mem.DETECTION_COLUMNS
+    assert len(det) == 5 and set(det["role"]) == {"calibration", "clean", "noisy"}
+    assert set(det["alert"]) <= {0, 1}
+    alerted = det[det["alert"] == 1]
+    assert (alerted["alert_epoch"] == alerted["alert_step"] / STEPS_PER_EPOCH).all()
+
+    cal = Calibration.load(out / "small_cnn-digits" / "calibration.json")
+    cal.check_compatible(["conv1", "conv2", "dense", "head"], config.every_n_steps)
+    assert cal.groups == ("head",) and cal.transform == "log"
+    assert cal["head"].n_runs == 3 and len(cal["head"].baseline) == SNAPSHOTS
+    assert summary["h"].iloc[0] == pytest.approx(cal.threshold)
+
+    md = (out / "summary.md").read_text()
+    assert "| arch | dataset | group | η |" in md and "## Calibration" in md
+    for kind in ("trajectories", "statistic"):
+        png = out / "plots" / f"small_cnn-digits-head-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert json.loads((out / "config.json").read_text()) == config.to_dict()
+
+
+def test_rerun_redoes_nothing_and_other_settings_are_refused(finished, capsys):
+    config, out, _ = finished
+    stamps = {p: os.stat(p / "result.json").st_mtime_ns for p in _run_dirs(out).values()}
+    run_experiment(config, out, summary=False)
+    log = capsys.readouterr().out
+    assert log.count("done before, skipped") == 5 and "training" not in log
+    assert stamps == {p: os.stat(p / "result.json").st_mtime_ns for p in _run_dirs(out).values()}
+    with pytest.raises(ValueError, match="another config.*epochs"):
+        run_experiment(preset("tiny", epochs=3), out)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _KillAt(keras.callbacks.Callback):
+    """Raise at the end of an optimiser step, as a kill would stop the process there."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            raise _Interrupt(f"killed at step {self.step}")
+
+
+def test_resume_mid_run_matches_the_uninterrupted_run(finished, tmp_path, capsys):
+    config, reference, _ = finished
+    out = tmp_path / "resumed"
+    victim = "clean-eta0.00-seed3"
+    # Step 12: mid epoch 1, after the trace snapshot at step 12 was written, after the
+    # epoch-0 checkpoint (step 8).
+    with pytest.raises(_Interrupt):
+        run_experiment(config, out, progress=False,
+                       callbacks_for=lambda s: [_KillAt(12)] if s.run_id == victim else [])
+    runs = _run_dirs(out)
+    assert not (runs[victim] / "result.json").exists()
+    assert (runs[victim] / "checkpoint.npz").exists()
+    assert "noisy-eta0.60-seed4" not in runs
+    steps = pd.read_csv(runs[victim] / "traces.csv")["step"].unique().tolist()
+    assert steps == [0, 4, 8, 12]
+    with open(runs[victim] / "traces.csv", "a") as f:  # and a row half-written by the kill
+        f.write("16,1,head,0.12")
+    finished_before = {n: os.stat(d / "result.json").st_mtime_ns
+                       for n, d in runs.items() if (d / "result.json").exists()}
+    assert len(finished_before) == 3
+    capsys.readouterr()
+
+    frame = run_experiment(config, out)
+    log = capsys.readouterr().out
+    assert log.count("done before, skipped") == 3
+    assert "resuming from the checkpoint after epoch 1 (step 8, 12 trace rows kept)" in log
+    runs = _run_dirs(out)
+    for n, t in finished_before.items():
+        assert os.stat(runs[n] / "result.json").st_mtime_ns == t  # not redone
+    res = json.loads((runs[victim] / "result.json").read_text())
+    assert res["segments"] == 2 and not (runs[victim] / "checkpoint.npz").exists()
+
+    # Same trajectories, accuracies and summary as the uninterrupted run (CPU kernels
+    # are deterministic here; allow float round-off).
+    ref_runs = _run_dirs(reference)
+    for name in ref_runs:
+        a = pd.read_csv(ref_runs[name] / "traces.csv")
+        b = pd.read_csv(runs[name] / "traces.csv")
+        assert a[["step", "epoch", "group", "probe_seed"]].equals(
+            b[["step", "epoch", "group", "probe_seed"]]), name
+        np.testing.assert_allclose(b["trace"], a["trace"], rtol=1e-4, atol=1e-6, err_msg=name)
+        ra = json.loads((ref_runs[name] / "result.json").read_text())
+        rb = json.loads((runs[name] / "result.json").read_text())
+        assert ra["test_accuracy"] == pytest.approx(rb["test_accuracy"], abs=0.01)
+    ref = pd.read_csv(reference / "summary.csv")
+    pd.testing.assert_frame_equal(frame[["noise_rate", "n_runs"]], ref[["noise_rate", "n_runs"]],
+                                  check_dtype=False)
+    np.testing.assert_allclose(frame["h"], ref["h"], rtol=1e-3)
+
+
+def test_truncate_keeps_complete_rows_up_to_the_checkpoint(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("step,epoch,group\n0,0,a\n4,0,a\n8,1,a\n12,1,a\n16,1")
+    assert mem._truncate_csv(str(p), 8) == 3
+    assert p.read_text() == "step,epoch,group\n0,0,a\n4,0,a\n8,1,a\n"
+    with open(p, newline="") as f:
+        assert len(list(csv.reader(f))) == 4
+
+
+def test_config_presets_files_and_plan(tmp_path):
+    cfg = preset("cpu-small")
+    assert cfg.archs == ["small_cnn"] and cfg.datasets == ["digits"]
+    p = plan(cfg, seconds_per_step=0.01, seconds_per_hvp=0.05)
+    assert p["runs"] == 8 + 8 + 3 * 5 and p["cells"][0]["steps_per_run"] == 16 * 44
+    assert p["cells"][0]["snapshots_per_run"] == 16 * 44 // 22 + 1
+    assert p["hours"] == pytest.approx(p["runs"] * (704 * 0.01 + 33 * 10 * 0.05) / 3600)
+    paper = preset("paper")
+    pp = plan(paper)
+    assert pp["runs"] == 6 * (10 + 10 + 3 * 10) and pp["cells"][0]["steps_per_epoch"] == 391
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"preset": "tiny", "epochs": 3, "noise_rates": [0.4, 0.8]}))
+    c = mem.ExperimentConfig.from_file(f)
+    assert c.epochs == 3 and c.noise_rates == [0.4, 0.8] and c.calibration_runs == 3
+    with pytest.raises(ValueError, match="unknown config keys"):
+        mem.ExperimentConfig.from_dict({"epoch": 3})
+    with pytest.raises(ValueError, match="calibration_runs"):
+        preset("tiny", calibration_runs=2)
+    with pytest.raises(ValueError, match="noisy rates"):
+        preset("tiny", noise_rates=[0.0, 0.4])
+    with pytest.raises(ValueError, match="unknown arch"):
+        preset("tiny", archs=["resnet50"])
+
+
+def test_cli_experiment_flags(tmp_path, capsys):
+    from keras_hesstrace import cli
+
+    assert cli.main(["experiment", "--preset", "tiny", "--epochs", "3", "--noise-rates",
+                     "0.2,0.4", "--transform", "none", "--show-config"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["epochs"] == 3 and shown["noise_rates"] == [0.2, 0.4]
+    assert shown["transform"] is None and shown["calibration_runs"] == 3
+    assert cli.main(["experiment", "--preset", "paper", "--plan"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"] == 300
