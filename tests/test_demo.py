@@ -27,7 +27,7 @@ def test_demo_small_budget_prints_table_alert_and_where_files_are(tmp_path, caps
     head = noisy[noisy["group"] == "head"]
     assert len(head) == 5 and head["z"].notna().all()
     clean = pd.read_csv(runs / "calibration-eta0.00-seed0" / "traces.csv")
-    assert len(clean) == 5 * 4
+    assert len(clean) == 5 * (4 + 1)  # 5 snapshots x (4 layers + the total)
     assert (out / "small_cnn-digits" / "calibration.json").exists()
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
 

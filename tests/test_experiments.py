@@ -46,9 +46,10 @@ def test_every_run_finished_with_its_files(finished):
         frame = pd.read_csv(d / "traces.csv")
         # the callback's CSV: one row per (snapshot, layer)
         assert list(frame.columns) == ["step", "epoch", "group", "trace", "stderr",
-                                       "num_probes", "probe_seed", "wall_time"]
+                                       "num_probes", "probe_seed", "wall_time", "status"]
         assert sorted(frame["step"].unique()) == list(range(0, 17, 4))
-        assert set(frame["group"]) == {"conv1", "conv2", "dense", "head"}
+        assert set(frame["group"]) == {"conv1", "conv2", "dense", "head", "total"}
+        assert (frame["status"] == "ok").all()
         assert (frame["num_probes"] == config.num_probes).all()
     noisy = json.loads((runs["noisy-eta0.60-seed4"] / "result.json").read_text())
     assert noisy["noise_rate"] == 0.6 and 0.45 < noisy["n_corrupted"] / noisy["n_train"] < 0.75
@@ -117,11 +118,11 @@ def test_resume_mid_run_matches_the_uninterrupted_run(finished, tmp_path, capsys
     config, reference, _ = finished
     out = tmp_path / "resumed"
     victim = "clean-eta0.00-seed3"
-    # Step 12: mid epoch 1, after the trace snapshot at step 12 was written, after the
-    # epoch-0 checkpoint (step 8).
+    # Step 13: mid epoch 1, after the trace snapshot at step 12 was written (the callback
+    # takes it as the batch after step 12 begins), after the epoch-0 checkpoint (step 8).
     with pytest.raises(_Interrupt):
         run_experiment(config, out, progress=False,
-                       callbacks_for=lambda s: [_KillAt(12)] if s.run_id == victim else [])
+                       callbacks_for=lambda s: [_KillAt(13)] if s.run_id == victim else [])
     runs = _run_dirs(out)
     assert not (runs[victim] / "result.json").exists()
     assert (runs[victim] / "checkpoint.npz").exists()
@@ -138,7 +139,8 @@ def test_resume_mid_run_matches_the_uninterrupted_run(finished, tmp_path, capsys
     frame = run_experiment(config, out)
     log = capsys.readouterr().out
     assert log.count("done before, skipped") == 3
-    assert "resuming from the checkpoint after epoch 1 (step 8, 12 trace rows kept)" in log
+    # 3 snapshots (steps 0, 4, 8) x (4 layers + the total)
+    assert "resuming from the checkpoint after epoch 1 (step 8, 15 trace rows kept)" in log, log
     runs = _run_dirs(out)
     for n, t in finished_before.items():
         assert os.stat(runs[n] / "result.json").st_mtime_ns == t  # not redone
