@@ -1,5 +1,6 @@
 """The README's demo (`keras-hesstrace demo`) on a small budget: its output and files."""
 
+import numpy as np
 import pandas as pd
 import tensorflow as tf
 
@@ -28,6 +29,9 @@ def test_demo_small_budget_prints_table_alert_and_where_files_are(tmp_path, caps
     assert len(head) == 5 and head["z"].notna().all()
     clean = pd.read_csv(runs / "calibration-eta0.00-seed0" / "traces.csv")
     assert len(clean) == 5 * (4 + 1)  # 5 snapshots x (4 layers + the total)
+    # the layers cover every variable, so their traces add up to the total at each snapshot
+    wide = clean.pivot(index="step", columns="group", values="trace")
+    np.testing.assert_allclose(wide.drop(columns="total").sum(axis=1), wide["total"], rtol=1e-9)
     assert (out / "small_cnn-digits" / "calibration.json").exists()
     assert (out / "demo.png").read_bytes()[:4] == b"\x89PNG"
 

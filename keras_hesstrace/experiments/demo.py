@@ -100,13 +100,14 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
     frame = pd.read_csv(csv_path)
     spe = res["steps_per_epoch"]
     wide = frame.pivot(index="step", columns="group", values="trace")
-    layers = list(dict.fromkeys(frame["group"]))
+    # The callback records every layer and the total over all variables ("total").
+    layers = [g for g in dict.fromkeys(frame["group"]) if g != "total"]
     head = frame[frame["group"] == "head"].set_index("step")
     base = r.baseline
     mean_clean = np.exp(base.mean) if base.transform == "log" else base.mean
     table = wide[layers].copy()
     table.insert(0, "epoch", table.index / spe)
-    table["total trace"] = table[layers].sum(axis=1)
+    table["total trace"] = wide["total"]
     table["head, clean mean"] = mean_clean[: len(table)]
     table["PH statistic"] = np.maximum(head["g_pos"], head["g_neg"]).to_numpy()
     alerts = head[head["alert"].astype(float) > 0]
