@@ -6,7 +6,7 @@ independent. M probes cost M HVPs for all groups together (METHOD.md §1).
 """
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,6 @@ class TraceResult:
     num_batches: int = 1
     probe: str = "rademacher"
     seed: int = 0
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_probes(self):
