@@ -15,6 +15,15 @@ with its share of the snapshot's bookkeeping: CSV row, TensorBoard off) and the 
 come from the same run. Expected overhead = probes x (probe time / step time) / every;
 measured overhead = callback time / plain time - 1. Target: measured <= expected + 2%.
 
+Input. ``--input dataset`` (default) feeds the fit a tf.data pipeline built here from the
+same arrays (batch 32, prefetch 2, tf.data autotuning off); ``--input arrays`` passes the
+numpy arrays to fit, where Keras builds its own pipeline with autotuning on. With
+autotuning on, destroying an epoch's iterator waits for tf.data's autotune thread to finish
+its current optimisation pass: 0-600 ms at each epoch boundary on 2 cores, in every run
+with or without the callback, and more often long after the pauses that snapshots make.
+The epoch-boundary time (end of one epoch to the first batch of the next) is reported
+apart from the step time so the two effects can be told apart.
+
     python benchmarks/callback_overhead.py                       # defaults below, ~2-4 min on 2 cores
     python benchmarks/callback_overhead.py --every 11 --probes 10 --probe-batch 256 --epochs 3
 """
@@ -36,7 +45,10 @@ def main():
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: time.perf_counter; cpu: time.process_time (all threads of "
                         "this process), steadier when other jobs share the cores")
-    parser.add_argument("--repeats", type=int, default=1,
+    parser.add_argument("--input", choices=("dataset", "arrays"), default="dataset",
+                        help="dataset: a tf.data pipeline with autotuning off; arrays: numpy "
+                        "arrays (Keras's pipeline, autotuning on)")
+    parser.add_argument("--repeats", type=int, default=5,
                         help="repeat the three runs, interleaved, and report the medians")
     args = parser.parse_args()
 
@@ -56,12 +68,39 @@ def main():
     steps_per_epoch = -(-len(y) // 32)
     steps = args.epochs * steps_per_epoch
 
+    def fit_input():
+        if args.input == "arrays":
+            return dict(x=x, y=y, batch_size=32, shuffle=False)
+        ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(32).prefetch(2)
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return dict(x=ds.with_options(options), shuffle=False)
+
     def fresh_model():
         keras.utils.set_random_seed(args.seed)
         model = small_cnn(num_classes=10)
         model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
+
+    class Boundaries(keras.callbacks.Callback):
+        """Adds up the time from each epoch's end to the next epoch's first batch.
+
+        Listed after the Hessian callback, so a snapshot taken at an epoch's end is not
+        counted here: this is the input pipeline's turnover (new iterator, old one freed).
+        """
+
+        def __init__(self):
+            super().__init__()
+            self.seconds, self._t = 0.0, None
+
+        def on_epoch_end(self, epoch, logs=None):
+            self._t = clock()
+
+        def on_train_batch_begin(self, batch, logs=None):
+            if self._t is not None:
+                self.seconds += clock() - self._t
+                self._t = None
 
     class Timed(HessianTraceCallback):
         """Adds up the wall time spent in snapshots."""
@@ -91,24 +130,28 @@ def main():
         # snapshot at the step they meet (44) is not taken twice.
         name = f"run{every}_{len(os.listdir(tmp))}"
         warm = [callback(every, name)] if every else []
-        model.fit(x, y, batch_size=32, epochs=1, shuffle=False, verbose=0, callbacks=warm)
-        cbs = [callback(every, name)] if every else []
+        model.fit(**fit_input(), epochs=1, verbose=0, callbacks=warm)
+        hessian = [callback(every, name)] if every else []
+        boundaries = Boundaries()
         t = clock()
-        model.fit(x, y, batch_size=32, epochs=1 + args.epochs, initial_epoch=1, shuffle=False,
-                  verbose=0, callbacks=cbs)
-        return clock() - t, (cbs[0] if cbs else None)
+        model.fit(**fit_input(), epochs=1 + args.epochs, initial_epoch=1, verbose=0,
+                  callbacks=hessian + [boundaries])
+        return clock() - t, (hessian[0] if hessian else None), boundaries.seconds
 
     runs = []
     for _ in range(args.repeats):
-        plain, _ = timed_fit()
-        with_cb, cb = timed_fit(args.every)
-        idle, idle_cb = timed_fit(10**9)
+        plain, _, plain_b = timed_fit()
+        with_cb, cb, cb_b = timed_fit(args.every)
+        idle, idle_cb, idle_b = timed_fit(10**9)
         assert idle_cb.snapshots == 0
-        runs.append((plain, with_cb, idle, cb.snapshot_seconds, cb.snapshots))
+        runs.append((plain, with_cb, idle, cb.snapshot_seconds, cb.snapshots,
+                     plain_b, cb_b, idle_b))
         if args.repeats > 1:
             print(f"repeat {len(runs)}: plain {plain:.2f} s, callback {with_cb:.2f} s "
-                  f"(snapshots {cb.snapshot_seconds:.2f} s), idle {idle:.2f} s", flush=True)
-    plain, with_cb, idle, snap_s, snaps = (float(np.median(c)) for c in zip(*runs))
+                  f"(snapshots {cb.snapshot_seconds:.2f} s), idle {idle:.2f} s; epoch "
+                  f"boundaries {plain_b:.3f} / {cb_b:.3f} / {idle_b:.3f} s", flush=True)
+    (plain, with_cb, idle, snap_s, snaps,
+     plain_b, cb_b, idle_b) = (float(np.median(c)) for c in zip(*runs))
     cb.snapshot_seconds, cb.snapshots = snap_s, int(snaps)
 
     step_time_plain = plain / steps
@@ -123,16 +166,19 @@ def main():
           f"Keras {keras.__version__}, TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS')}, "
           f"no XLA, float32; clock: {args.clock}")
     print(f"fit: small_cnn ({fresh_model().count_params():,} params) on digits, batch 32, "
-          f"{steps} measured steps ({args.epochs} epochs after a 1-epoch warm-up), SGD 0.05 m 0.9")
+          f"{steps} measured steps ({args.epochs} epochs after a 1-epoch warm-up), SGD 0.05 m 0.9; "
+          f"input: " + ("tf.data, autotuning off" if args.input == "dataset"
+                        else "numpy arrays (Keras's tf.data pipeline, autotuning on)"))
     print(f"callback: every_n_steps={args.every}, num_probes={args.probes}, probe batch "
           f"{args.probe_batch}, {cb.snapshots} snapshots in the measured fit"
           + (f"; medians of {args.repeats} interleaved repeats" if args.repeats > 1 else ""))
     print()
-    print(f"| run | {args.clock} s | per step ms |")
-    print("|---|---|---|")
-    print(f"| plain | {plain:.2f} | {1e3 * step_time_plain:.2f} |")
-    print(f"| callback | {with_cb:.2f} | {1e3 * with_cb / steps:.2f} (snapshots {cb.snapshot_seconds:.2f} s) |")
-    print(f"| idle callback (no snapshot) | {idle:.2f} | {1e3 * idle / steps:.2f} |")
+    print(f"| run | {args.clock} s | per step ms | epoch boundaries s |")
+    print("|---|---|---|---|")
+    print(f"| plain | {plain:.2f} | {1e3 * step_time_plain:.2f} | {plain_b:.3f} |")
+    print(f"| callback | {with_cb:.2f} | {1e3 * with_cb / steps:.2f} (snapshots "
+          f"{cb.snapshot_seconds:.2f} s) | {cb_b:.3f} |")
+    print(f"| idle callback (no snapshot) | {idle:.2f} | {1e3 * idle / steps:.2f} | {idle_b:.3f} |")
     print()
     print(f"step time (callback run, snapshots excluded) {1e3 * step_time:.2f} ms; "
           f"probe time {1e3 * probe_time:.2f} ms = {probe_time / step_time:.2f} steps")
