@@ -34,6 +34,10 @@ OPS = [
     ("hvp", {"mode": "reverse", "jit": True}),
     ("hvp", {"mode": "forward", "jit": True}),
     ("probe", {"jit": False}),
+    ("probe", {"jit": False, "mode": "forward"}),
+    ("probe", {"jit": False, "chunk": 64}),
+    ("probe", {"jit": False, "mode": "forward", "chunk": 64}),
+    ("probe", {"jit": False, "per_call": 2, "chunk": 64}),
     ("probe", {"jit": False, "per_call": 4}),
     ("probe", {"jit": True}),
     ("masked", {"jit": False}),
@@ -92,7 +96,8 @@ def worker(op, opts, batch, warmup, reps, arch):
         per_call = opts.get("per_call", 1)
 
         def fn():
-            kh.layer_traces(model, xt, yt, num_probes=per_call, seed=next(counter), probes_per_call=per_call, jit_compile=jit)
+            kh.layer_traces(model, xt, yt, num_probes=per_call, seed=next(counter), probes_per_call=per_call,
+                            jit_compile=jit, mode=opts.get("mode", "reverse"), max_batch_size=opts.get("chunk"))
 
         extra["per_call"] = per_call
     elif op == "masked":
@@ -138,7 +143,13 @@ def label(row):
         name = f"HVP {row['mode']}"
     elif row["op"] == "probe":
         per_call = row.get("per_call", 1)
-        name = "layer_traces, 1 probe (all layers)" + (f", {per_call} probes per call (time per probe)" if per_call > 1 else "")
+        name = "layer_traces, 1 probe (all layers)"
+        if row.get("mode", "reverse") != "reverse":
+            name += f", {row['mode']}"
+        if row.get("chunk"):
+            name += f", max_batch_size={row['chunk']}"
+        if per_call > 1:
+            name += f", {per_call} probes per call (time per probe)"
     else:
         name = f"masked: 1 HVP per layer, {row.get('groups', '?')} layers"
     return name + (" (XLA)" if row.get("jit") else "")
@@ -184,17 +195,22 @@ def main():
     import keras
 
     grad = {r["jit"]: r["median_s"] for r in rows if r["op"] == "gradient"}
-    probe = next(r for r in rows if r["op"] == "probe" and r.get("per_call", 1) == 1 and not r["jit"])["median_s"]
+    probe = next(r for r in rows if r["op"] == "probe" and r.get("per_call", 1) == 1 and not r["jit"]
+                 and r.get("mode", "reverse") == "reverse" and not r.get("chunk"))["median_s"]
     print(f"\n{args.arch}, batch {args.batch}, float32; TF {tf.__version__}, Keras {keras.__version__}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU threads, "
           f"TF_ENABLE_ONEDNN_OPTS={os.environ.get('TF_ENABLE_ONEDNN_OPTS', '1 (package default)')}; "
           f"median of {args.reps} after {args.warmup} warm-up calls, each op in its own process\n")
-    print("| operation | median time | × gradient (same XLA setting) | peak RSS |")
-    print("|---|---|---|---|")
+    grad_rss = {r["jit"]: r["peak_rss_mb"] for r in rows if r["op"] == "gradient"}
+    print("| operation | median time | × gradient (same XLA setting) | peak RSS | × gradient's peak RSS |")
+    print("|---|---|---|---|---|")
     for r in rows:
         ratio = r["median_s"] / grad[r.get("jit", False)]
+        mem = r["peak_rss_mb"] / grad_rss[r.get("jit", False)]
         reps = "" if r["reps"] == args.reps else f" ({r['reps']} rep)"
-        print(f"| {label(r)} | {r['median_s']:.2f} s{reps} | {ratio:.2f}× | {r['peak_rss_mb'] / 1024:.2f} GB |")
+        print(f"| {label(r)} | {r['median_s']:.2f} s{reps} | {ratio:.2f}× | {r['peak_rss_mb'] / 1024:.2f} GB | {mem:.2f}× |")
+    print(f"\nProcess RSS after building the model (before any operation): "
+          f"{min(r['rss_after_model_mb'] for r in rows) / 1024:.2f} GB")
     masked = [r for r in rows if r["op"] == "masked"]
     print(f"\nOne probe for all layers / one gradient: {probe / grad[False]:.2f}× (target ≤ 2.5×)")
     if masked:

@@ -14,7 +14,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
-from keras_hesstrace.hvp import hessian_operator, to_tensors
+from keras_hesstrace.hvp import hessian_operator, resolve_loss, to_tensors
 from keras_hesstrace.probes import check_probe, probe_seed
 
 
@@ -153,6 +153,35 @@ def iterate_batches(data, num_batches=None):
         raise ValueError("The dataset yielded no batches.")
 
 
+def check_mean_reduction(loss_fn, what):
+    """Raise unless ``loss_fn`` is a mean over examples (averaging chunks needs that)."""
+    reduction = getattr(loss_fn, "reduction", None)
+    if isinstance(loss_fn, keras.losses.Loss) and reduction not in ("sum_over_batch_size", "mean"):
+        raise ValueError(
+            f"{what} splits the batch and averages the chunks weighted by size, which needs a "
+            f"loss that is a mean over examples; this loss has reduction={reduction!r}. "
+            "Use the default reduction ('sum_over_batch_size') or leave max_batch_size=None."
+        )
+
+
+def split_batch(x, y, max_batch_size=None):
+    """Consecutive chunks of at most ``max_batch_size`` examples of one (x, y) batch.
+
+    Args:
+        x, y: tensors (or nests of tensors) with the same leading batch dimension n.
+        max_batch_size: chunk size, or ``None`` for the whole batch.
+
+    Returns:
+        list of (x_chunk, y_chunk), ceil(n / max_batch_size) of them; all full but
+        the last.
+    """
+    n = int(tf.nest.flatten(y)[0].shape[0])
+    if max_batch_size is None or n <= max_batch_size:
+        return [(x, y)]
+    size = int(max_batch_size)
+    return [tf.nest.map_structure(lambda t: t[lo:lo + size], (x, y)) for lo in range(0, n, size)]
+
+
 def _progbar(total, verbose):
     if verbose:
         return keras.utils.Progbar(total, unit_name="hvp")
@@ -174,6 +203,7 @@ def layer_traces(
     verbose="auto",
     strategy=None,
     probes_per_call=1,
+    max_batch_size=None,
 ):
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
@@ -197,6 +227,11 @@ def layer_traces(
         probes_per_call: probes computed in one compiled call; in reverse mode they
             share the forward and first backward pass (faster per probe, more
             memory). The result does not depend on it.
+        max_batch_size: the most examples per compiled call. A larger batch is
+            split into consecutive chunks whose samples are averaged weighted by
+            chunk size, which for a loss that is a mean over examples (Keras's
+            default reduction) is the same estimate up to float round-off, at
+            about 1/k of the activation memory for k chunks. ``None``: no split.
         strategy: a ``tf.distribute.Strategy``: each replica computes the HVP on its
             shard of every batch and the contractions are all-reduced, weighted by
             shard size (the same estimate as one device). Default: the strategy the
@@ -223,6 +258,11 @@ def layer_traces(
     per_call = int(probes_per_call)
     if per_call < 1:
         raise ValueError(f"probes_per_call must be >= 1, got {probes_per_call}.")
+    if max_batch_size is not None and (isinstance(max_batch_size, bool) or int(max_batch_size) != max_batch_size
+                                       or max_batch_size < 1):
+        raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}.")
+    if max_batch_size is not None:
+        check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
     chunks = [
         (start, tf.stack([probe_seed(seed, m) for m in range(start, min(start + per_call, num_probes))]))
         for start in range(0, num_probes, per_call)
@@ -244,18 +284,20 @@ def layer_traces(
     loss_sum, weight_sum, n_batches, done = 0.0, 0, 0, 0
     for xb, yb in batches:
         xb, yb = to_tensors(xb, yb)
-        weight = int(tf.nest.flatten(yb)[0].shape[0])
+        parts = split_batch(xb, yb, max_batch_size)
         for start, seeds in chunks:
-            s_g, total, loss_value = op.probe_contractions(xb, yb, seeds, probe, indices)
             stop = start + int(seeds.shape[0])
-            samples[start:stop] += weight * s_g.numpy()
-            totals[start:stop] += weight * total.numpy()
-            if start == 0:
-                loss_sum += weight * float(loss_value)
+            for xc, yc in parts:
+                weight = int(tf.nest.flatten(yc)[0].shape[0])
+                s_g, total, loss_value = op.probe_contractions(xc, yc, seeds, probe, indices)
+                samples[start:stop] += weight * s_g.numpy()
+                totals[start:stop] += weight * total.numpy()
+                if start == 0:
+                    loss_sum += weight * float(loss_value)
+                    weight_sum += weight
             done += stop - start
             if bar is not None:
                 bar.update(done)
-        weight_sum += weight
         n_batches += 1
     samples /= weight_sum
     totals /= weight_sum

@@ -128,6 +128,35 @@ def test_bad_input(tmp_path):
         HessianTraceCallback((x, y), csv_path=tmp_path / "nope" / "t.csv")
     with pytest.raises(ValueError, match="not writable"):
         HessianTraceCallback((x, y), csv_path=tmp_path)
+    with pytest.raises(ValueError, match="probes_per_call"):
+        HessianTraceCallback((x, y), probes_per_call=0)
+    with pytest.raises(ValueError, match="max_batch_size"):
+        HessianTraceCallback((x, y), max_batch_size=0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        HessianTraceCallback((x, y), mode="sideways")
+    model = small_model()
+    summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    cb = HessianTraceCallback((x, y), max_batch_size=8, loss=summed, verbose=0)
+    with pytest.raises(ValueError, match="mean over examples"):  # before the first step
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert int(model.optimizer.iterations.numpy()) == 0
+
+
+def test_speed_options_do_not_change_the_recorded_traces(tmp_path):
+    # Forward mode, 2 probes per call, the 32-example batch in chunks of 12, 12, 8:
+    # the same estimate as layer_traces with the defaults (float32 round-off apart).
+    model = small_model()
+    x, y = data()
+    batch = (x[:32], y[:32])
+    start = model.get_weights()
+    cb = HessianTraceCallback(batch, every_n_steps=100, num_probes=4, seed=2, verbose=0,
+                              probes_per_call=2, max_batch_size=12, mode="forward")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # snapshot at step 0
+    check = small_model()
+    check.set_weights(start)
+    direct = layer_traces(check, *batch, num_probes=4, seed=snapshot_seed(2, 0))
+    recorded = cb.history[0]["result"]
+    np.testing.assert_allclose(recorded.samples, direct.samples, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- helpers

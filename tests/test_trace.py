@@ -208,3 +208,40 @@ def test_several_probes_per_call_give_the_same_samples(mode):
     np.testing.assert_allclose(three.total_samples, one.total_samples, rtol=1e-12)
     with pytest.raises(ValueError, match="probes_per_call must be >= 1"):
         kh.layer_traces(model, x, y, loss=xent64(), probes_per_call=0)
+
+
+@pytest.mark.parametrize("factory,shape,l2", [(mt.mlp, (5,), 0.03125), (mt.cnn_bn, (6, 6, 2), 0.0)])
+@pytest.mark.parametrize("mode", ["reverse", "forward"])
+def test_a_batch_split_into_chunks_gives_the_whole_batch_contractions(factory, shape, l2, mode):
+    # 12 examples in chunks of 5, 5, 2 (uneven on purpose), against the exact float64
+    # Hessian of the whole batch: every probe's per-group sample is v_l^T (H v)_l.
+    model = factory(l2=l2) if l2 else factory()
+    x, y = mt.data(shape=shape)
+    H, _, mapping = _exact_block_traces(model, x, y)
+    edges = np.cumsum([0] + group_block_sizes(mapping))
+    r = kh.layer_traces(model, x, y, num_probes=4, seed=3, loss=xent64(), mode=mode,
+                        max_batch_size=5, probes_per_call=2)
+    for m in range(4):
+        v = flatten(draw_probe(model.trainable_variables, probe_seed(3, m)))
+        hv = H @ v
+        expected = [v[a:b] @ hv[a:b] for a, b in zip(edges[:-1], edges[1:])]
+        np.testing.assert_allclose(r.samples[m], expected, rtol=1e-10)
+        np.testing.assert_allclose(r.total_samples[m], v @ hv, rtol=1e-10)
+    whole = kh.layer_traces(model, x, y, num_probes=4, seed=3, loss=xent64(), mode=mode)
+    np.testing.assert_allclose(r.loss, whole.loss, rtol=1e-12)
+    assert r.num_batches == whole.num_batches == 1
+
+
+def test_max_batch_size_bad_values_and_a_summed_loss_are_refused():
+    model = mt.mlp()
+    x, y = mt.data()
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="max_batch_size must be None or an integer"):
+            kh.layer_traces(model, x, y, loss=xent64(), max_batch_size=bad)
+    summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64", reduction="sum")
+    with pytest.raises(ValueError, match="mean over examples.*reduction='sum'"):
+        kh.layer_traces(model, x, y, loss=summed, max_batch_size=4)
+    # A batch no larger than max_batch_size is not split: identical samples.
+    a = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64(), max_batch_size=12)
+    b = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64())
+    np.testing.assert_array_equal(a.samples, b.samples)

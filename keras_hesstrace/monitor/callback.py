@@ -40,10 +40,10 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.groups import layer_groups
-from keras_hesstrace.hvp import _CACHE_ATTR
+from keras_hesstrace.hvp import _CACHE_ATTR, MODES, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.detector import PageHinkley
-from keras_hesstrace.trace import layer_traces
+from keras_hesstrace.trace import check_mean_reduction, layer_traces
 
 TOTAL = "total"
 _BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
@@ -137,6 +137,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
         seed: base probe seed; the snapshot at step s uses ``snapshot_seed(seed, s)``.
         verbose: 1 prints alerts.
         loss: loss for the Hessian (default: the compiled loss).
+        probes_per_call, max_batch_size, mode: passed to ``layer_traces`` (probes
+            sharing one compiled call; the most examples per call, a larger ``data``
+            batch being split into chunks averaged by size; the HVP mode). They
+            change speed and memory, not the estimate.
 
     CSV columns: step, epoch, group, trace, stderr, num_probes, probe_seed, wall_time,
     status ("ok"; "nonfinite": the estimate was NaN/inf, written as NaN and skipped by
@@ -153,11 +157,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     def __init__(self, data, every_n_steps=100, num_probes=10, groups="layer", layers=None,
                  csv_path=None, log_dir=None, detector=None, stop_on_alert=False,
-                 on_alert=None, seed=0, verbose=1, loss=None):
+                 on_alert=None, seed=0, verbose=1, loss=None, probes_per_call=1,
+                 max_batch_size=None, mode="reverse"):
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes)):
+        for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
+                            ("probes_per_call", probes_per_call),
+                            ("max_batch_size", 1 if max_batch_size is None else max_batch_size)):
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
         if isinstance(data, tf.data.Dataset):
             if data.cardinality() == 0:
                 raise ValueError("data is an empty tf.data.Dataset.")
@@ -197,6 +206,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.seed = int(seed)
         self.verbose = verbose
         self.loss = loss
+        self._trace_options = dict(probes_per_call=probes_per_call, max_batch_size=max_batch_size,
+                                   mode=mode)
         self.detectors = None
         self.history = []  # one dict per snapshot: step, epoch, TraceResult
         self._iterator = None
@@ -366,6 +377,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs=None):
         names = self._resolve_groups()
+        if self._trace_options["max_batch_size"] is not None:
+            check_mean_reduction(resolve_loss(self.model, self.loss), "max_batch_size")
         if self.detectors is None:
             self.detectors = self._resolve_detectors(names)
         self._names = names
@@ -424,11 +437,11 @@ class HessianTraceCallback(keras.callbacks.Callback):
             if not self._mixed_layers:
                 return layer_traces(self.model, x, y, num_probes=self.num_probes,
                                     groups=self.groups, seed=probe_seed, loss=self.loss,
-                                    verbose=0)
+                                    verbose=0, **self._trace_options)
             with float32_curvature(self.model, self._mixed_layers, self._float32_cache):
                 return layer_traces(self.model, x, y, num_probes=self.num_probes,
                                     groups=self.groups, seed=probe_seed, loss=self.loss,
-                                    verbose=0)
+                                    verbose=0, **self._trace_options)
 
     def _snapshot(self, step):
         if step <= self._last_recorded:
