@@ -162,6 +162,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--skip-masked", action="store_true", help="skip the slow masked alternative")
+    parser.add_argument("--no-xla", action="store_true", help="skip the XLA (jit_compile) rows")
     parser.add_argument("--only", help="comma-separated ops to run (gradient,hvp,probe,masked)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -177,6 +178,8 @@ def main():
     rows = []
     for op, opts in OPS:
         if op == "masked" and args.skip_masked:
+            continue
+        if opts.get("jit") and args.no_xla:
             continue
         if args.only and op not in args.only.split(",") and not (op == "gradient"):
             continue

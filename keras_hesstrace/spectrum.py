@@ -37,7 +37,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.groups import group_indices, layer_groups
-from keras_hesstrace.hvp import hessian_operator, to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.trace import is_dataset
 
 WHICH = ("LM", "LA")
@@ -541,7 +541,7 @@ class ModelHessian:
         ``loss``: the loss seen at the first product.
     """
 
-    def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode="reverse", jit_compile=False, verbose=0):
+    def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0):
         self.model = model
         self.group_names, self.indices = block_indices(model, groups, by)
         self.restricted = groups is not None
@@ -652,7 +652,7 @@ class EigenResult:
 
 def top_eigenvalues(
     model, x, y=None, k=1, max_iter=100, tol=1e-3, method="auto", which="LM", loss=None, groups=None, by="layer",
-    seed=None, num_batches=None, mode="reverse", jit_compile=False, verbose=0,
+    seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
 ):
     """The k extreme eigenvalues of the Hessian and their eigenvectors.
 
@@ -754,7 +754,7 @@ class TraceEstimate:
 
 def hessian_trace(
     model, x, y=None, max_iter=100, tol=1e-3, method="hutchinson", min_probes=10, probe="rademacher", loss=None,
-    groups=None, by="layer", seed=None, num_batches=None, mode="reverse", jit_compile=False, verbose=0,
+    groups=None, by="layer", seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
 ):
     """tr(H) of the whole model (or a block) by Hutchinson or Hutch++, with a standard-error stop.
 
@@ -853,7 +853,7 @@ class SpectralDensity:
 
 def spectral_density(
     model, x, y=None, num_runs=1, lanczos_steps=90, sigma=None, grid=10000, loss=None, groups=None, by="layer",
-    seed=None, num_batches=None, mode="reverse", jit_compile=False, verbose=0,
+    seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
 ):
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
@@ -948,7 +948,7 @@ class DiagonalResult:
 
 def diagonal(
     model, x, y=None, num_probes=100, groups=None, by="layer", probe="rademacher", loss=None, seed=None,
-    num_batches=None, mode="reverse", jit_compile=False, verbose=0,
+    num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
 ):
     """Hutchinson estimate of the Hessian diagonal, E[v ⊙ H v], per group.
 

@@ -14,7 +14,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
-from keras_hesstrace.hvp import hessian_operator, resolve_loss, to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to_tensors
 from keras_hesstrace.probes import check_probe, probe_seed
 
 
@@ -198,7 +198,7 @@ def layer_traces(
     probe="rademacher",
     loss=None,
     num_batches=None,
-    mode="reverse",
+    mode=DEFAULT_MODE,
     jit_compile=False,
     verbose="auto",
     strategy=None,
@@ -221,12 +221,14 @@ def layer_traces(
         probe: "rademacher" (default, minimum variance) or "gaussian".
         loss: ``None`` for the compiled loss, or a Loss object, name or callable.
         num_batches: in the dataset mode, the number of batches to use (default all).
-        mode: "reverse" or "forward" HVP.
+        mode: "forward" (default; forward-over-reverse, the least memory) or
+            "reverse" (reverse-over-reverse) HVP.
         jit_compile: XLA-compile the probe.
         verbose: 0, 1, or "auto" (a progress bar in the dataset mode).
         probes_per_call: probes computed in one compiled call; in reverse mode they
             share the forward and first backward pass (faster per probe, more
-            memory). The result does not depend on it.
+            memory; in forward mode each probe still needs its own pass). The
+            result does not depend on it.
         max_batch_size: the most examples per compiled call. A larger batch is
             split into consecutive chunks whose samples are averaged weighted by
             chunk size, which for a loss that is a mean over examples (Keras's

@@ -40,7 +40,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.groups import layer_groups
-from keras_hesstrace.hvp import _CACHE_ATTR, MODES, resolve_loss
+from keras_hesstrace.hvp import DEFAULT_MODE, _CACHE_ATTR, MODES, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.detector import PageHinkley
 from keras_hesstrace.trace import check_mean_reduction, layer_traces
@@ -158,7 +158,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
     def __init__(self, data, every_n_steps=100, num_probes=10, groups="layer", layers=None,
                  csv_path=None, log_dir=None, detector=None, stop_on_alert=False,
                  on_alert=None, seed=0, verbose=1, loss=None, probes_per_call=1,
-                 max_batch_size=None, mode="reverse"):
+                 max_batch_size=None, mode=DEFAULT_MODE):
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
                             ("probes_per_call", probes_per_call),
