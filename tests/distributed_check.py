@@ -62,6 +62,12 @@ def main():
         e = kh.layer_traces(single, x[:1], y[:1], num_probes=2, seed=1, loss=xent64())
         f = kh.layer_traces(mirrored, x[:1], y[:1], num_probes=2, seed=1, loss=xent64())
         out[f"{name}_one_example"] = rel(f.samples, e.samples)
+        # max_batch_size under the strategy: chunks of 5, 5, 3, each split over the replicas,
+        # in both modes, against the unsplit single-device estimate (a above, forward mode).
+        for mode in ("reverse", "forward"):
+            g = kh.layer_traces(mirrored, x, y, num_probes=4, seed=3, loss=xent64(), mode=mode,
+                                max_batch_size=5)
+            out[f"{name}_chunked_{mode}"] = rel(g.samples, a.samples)
     # The training callback inside a fit under the strategy.
     from keras_hesstrace.monitor import HessianTraceCallback
 

@@ -20,7 +20,8 @@ def test_mirrored_strategy_gives_the_single_device_estimate():
     assert out["replicas"] == 2
     for name in ("mlp", "cnn_bn"):
         assert out[f"{name}_distributed"] is True
-        for key in ("samples", "loss", "hvp_reverse", "hvp_forward", "dataset", "one_example"):
+        for key in ("samples", "loss", "hvp_reverse", "hvp_forward", "dataset", "one_example",
+                    "chunked_reverse", "chunked_forward"):
             value = out[f"{name}_{key}"]
             assert isinstance(value, float), f"{name}_{key}: {value}"
             assert value < 1e-10, f"{name}_{key}: {value}"
