@@ -6,7 +6,8 @@ For every cell (architecture x dataset) of the config:
   ``every_n_steps`` optimiser steps with :class:`HessianTraceCallback` on a fixed batch of
   ``probe_batch_size`` training examples (their labels as trained on); the monitored
   groups' trajectories give the baseline and the calibrated threshold h
-  (:func:`calibrate_threshold`, leave-one-out), saved to ``<cell>/calibration.json``.
+  (:func:`calibrate_threshold`: leave-one-out z, whole runs resampled so that their
+  autocorrelation is kept), saved to ``<cell>/calibration.json``.
 * Phase II: ``noisy_runs`` runs at every rate in ``noise_rates`` and
   ``heldout_clean_runs`` clean runs that were not used for calibration (the false-alarm
   estimate). Each trajectory is run through the calibrated Page-Hinkley rule (the same
@@ -940,17 +941,22 @@ def summary_markdown(frame, calibrations, config):
         "## Calibration",
         "",
         "| cell | group | h | target ARL0 | achieved ARL0 | expected false-alarm prob. per run "
-        "| LOO false alarms | lag-1 r (p) | runs |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(geometric; resampled) | LOO false alarms | lag-1 r (p) | runs | resampling |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell, cal in calibrations.items():
         for g in cal.groups:
             r = cal[g]
+            resampled = ("" if r.resampled_false_alarm_prob is None
+                         else f"; {r.resampled_false_alarm_prob:.3f}")
+            how = ("whole runs" if cal.block_length is None else
+                   "i.i.d. z" if cal.block_length == 1 else f"blocks of {cal.block_length}")
             lines.append(
                 f"| {cell} | {g} | {r.threshold:.3f} | {cal.target_arl0:g} | {r.arl0:.0f} | "
-                f"{r.false_alarm_prob:.3f} (T = {r.horizon}) | {r.loo_false_alarms}/{r.n_runs} "
+                f"{r.false_alarm_prob:.3f}{resampled} (T = {r.horizon}) | "
+                f"{r.loo_false_alarms}/{r.n_runs} "
                 f"[{r.loo_false_alarm_ci[0]:.2f}, {r.loo_false_alarm_ci[1]:.2f}] | "
-                f"{r.lag1_r:.2f} ({r.lag1_pvalue:.2g}) | {r.n_runs} |")
+                f"{r.lag1_r:.2f} ({r.lag1_pvalue:.2g}) | {r.n_runs} | {how} |")
     return "\n".join(lines) + "\n"
 
 
