@@ -200,11 +200,13 @@ class ExperimentConfig:
 
 
 PRESETS = {
-    # Digits + small CNN, sized to finish within 30 minutes on 2 CPU cores (31 runs of
-    # 16 epochs x 44 steps, 33 snapshots of M = 10 probes each). See docs/memorisation.md.
+    # Digits + small CNN, sized to finish within 30 minutes on 2 CPU cores (33 runs of
+    # 16 epochs x 44 steps, 33 snapshots of M = 10 probes each). 10 calibration runs:
+    # with 8 the leave-one-out z are heavy-tailed (7 runs per baseline sd) and h large.
+    # See docs/memorisation.md.
     "cpu-small": dict(
         name="cpu-small", archs=["small_cnn"], datasets=["digits"],
-        noise_rates=[0.2, 0.4, 0.6], calibration_runs=8, heldout_clean_runs=8,
+        noise_rates=[0.2, 0.4, 0.6], calibration_runs=10, heldout_clean_runs=8,
         noisy_runs=5, epochs=16, batch_size=32, learning_rate=0.05, momentum=0.9,
         weight_decay=5e-4, schedule="constant", every_n_steps=22, num_probes=10,
         probe_batch_size=256, target_arl0=300.0, log_floor=0.05,
