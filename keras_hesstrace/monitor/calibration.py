@@ -5,10 +5,13 @@ For each monitored group:
 1. Leave-one-out standardisation: clean run i is standardised with the baseline
    (mu0_t, sigma0_t) of the other N-1 runs, so its z are out-of-sample, as a new run's
    will be.
-2. The LOO z of all runs are pooled.
+2. The LOO z runs are resampled into ``n_resamples`` long sequences: by default whole
+   runs, each rotated by a random offset, concatenated (a circular block bootstrap with one
+   run per block, which keeps each run's autocorrelation); ``block_length=k`` uses blocks of
+   k snapshots within runs; ``block_length=1`` draws the pooled z i.i.d. (METHOD.md §3 as
+   written; with autocorrelated z it makes h too small, see docs/memorisation.md).
 3. The in-control average run length ARL0(h) is estimated by running the recursion on
-   ``n_resamples`` sequences drawn i.i.d. (with replacement) from the pool, each up to
-   ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
+   those sequences, each ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
    censored and ARL0 = total snapshots observed / alerts, the geometric maximum-likelihood
    estimate, which is unbiased for censoring that rare).
 4. h is bisected until ARL0(h) = target. The resampled sequences are drawn once (fixed
@@ -19,7 +22,8 @@ The ``Calibration`` also reports what a user needs to judge the threshold: the e
 false-alarm probability within a run of T snapshots, 1 - (1 - 1/ARL0)^T; the empirical
 LOO false-alarm rate of the real clean runs with its Wilson interval; and the lag-1
 autocorrelation of the pooled z with its test (the i.i.d. resampling assumes none;
-a small p-value means real runs will false-alarm more often than ARL0 says).
+with ``block_length=1`` a small p-value means real runs will false-alarm more often
+than ARL0 says; whole-run resampling accounts for it).
 """
 
 import json
