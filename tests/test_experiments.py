@@ -178,7 +178,7 @@ def test_config_presets_files_and_plan(tmp_path):
     cfg = preset("cpu-small")
     assert cfg.archs == ["small_cnn"] and cfg.datasets == ["digits"]
     p = plan(cfg, seconds_per_step=0.01, seconds_per_hvp=0.05)
-    assert p["runs"] == 8 + 8 + 3 * 5 and p["cells"][0]["steps_per_run"] == 16 * 44
+    assert p["runs"] == 10 + 8 + 3 * 5 and p["cells"][0]["steps_per_run"] == 16 * 44
     assert p["cells"][0]["snapshots_per_run"] == 16 * 44 // 22 + 1
     assert p["hours"] == pytest.approx(p["runs"] * (704 * 0.01 + 33 * 10 * 0.05) / 3600)
     paper = preset("paper")

@@ -5,10 +5,13 @@ For each monitored group:
 1. Leave-one-out standardisation: clean run i is standardised with the baseline
    (mu0_t, sigma0_t) of the other N-1 runs, so its z are out-of-sample, as a new run's
    will be.
-2. The LOO z of all runs are pooled.
+2. The LOO z runs are resampled into ``n_resamples`` long sequences: by default whole
+   runs, each rotated by a random offset, concatenated (a circular block bootstrap with one
+   run per block, which keeps each run's autocorrelation); ``block_length=k`` uses blocks of
+   k snapshots within runs; ``block_length=1`` draws the pooled z i.i.d. (METHOD.md §3 as
+   written; with autocorrelated z it makes h too small, see docs/memorisation.md).
 3. The in-control average run length ARL0(h) is estimated by running the recursion on
-   ``n_resamples`` sequences drawn i.i.d. (with replacement) from the pool, each up to
-   ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
+   those sequences, each ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
    censored and ARL0 = total snapshots observed / alerts, the geometric maximum-likelihood
    estimate, which is unbiased for censoring that rare).
 4. h is bisected until ARL0(h) = target. The resampled sequences are drawn once (fixed
@@ -19,7 +22,8 @@ The ``Calibration`` also reports what a user needs to judge the threshold: the e
 false-alarm probability within a run of T snapshots, 1 - (1 - 1/ARL0)^T; the empirical
 LOO false-alarm rate of the real clean runs with its Wilson interval; and the lag-1
 autocorrelation of the pooled z with its test (the i.i.d. resampling assumes none;
-a small p-value means real runs will false-alarm more often than ARL0 says).
+with ``block_length=1`` a small p-value means real runs will false-alarm more often
+than ARL0 says; whole-run resampling accounts for it).
 """
 
 import json
@@ -41,7 +45,7 @@ from keras_hesstrace.monitor.detector import (
 )
 
 _FORMAT = "keras-hesstrace-calibration"
-_VERSION = 1
+_VERSION = 2  # 2 added block_length (version 1 files were i.i.d.: block_length 1)
 _CHUNK_ELEMENTS = 2_000_000  # sequences x snapshots simulated at once (16 MB per array)
 
 
@@ -94,24 +98,88 @@ def loo_standardize(trajectories, transform=None, ddof=1):
     return out
 
 
+def _block_indices(lengths, n_values, block_length, rng):
+    """Indices into the concatenated runs for a stream of ``n_values`` resampled values.
+
+    Circular block bootstrap within runs (Politis and Romano 1992): each block picks a
+    run i with probability proportional to its length and a start s uniform in
+    [0, T_i), and takes the run's values s, s+1, ... wrapping around the end of the
+    run, ``min(block_length, T_i)`` of them (the whole run when ``block_length`` is
+    None). Blocks are concatenated into one stream. With block_length 1 every value of
+    the pool is equally likely: i.i.d. resampling of the pooled values.
+
+    Args:
+        lengths: int array [N], T_i of each run (>= 1).
+        n_values: values wanted.
+        block_length: int >= 1 or None (whole runs).
+        rng: ``numpy.random.Generator``.
+
+    Returns:
+        int64 array [n_values] of indices into the runs concatenated in order.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    p = lengths / lengths.sum()
+    blen = lengths if block_length is None else np.minimum(lengths, int(block_length))
+    mean_block = float(np.sum(p * blen))
+    pieces, have = [], 0
+    while have < n_values:
+        k = int(math.ceil((n_values - have) / mean_block * 1.05)) + 8
+        run = rng.choice(lengths.size, size=k, p=p)
+        offset = rng.integers(0, lengths[run])
+        b = blen[run]
+        total = int(b.sum())
+        block_of = np.repeat(np.arange(k), b)
+        within = np.arange(total) - np.repeat(np.cumsum(b) - b, b)
+        idx = starts[run][block_of] + (offset[block_of] + within) % lengths[run][block_of]
+        pieces.append(idx)
+        have += total
+    return np.concatenate(pieces)[:n_values]
+
+
 class _Resampled:
-    """Running maxima of max(g+, g-) for i.i.d. resampled z, kept as their records.
+    """Running maxima of max(g+, g-) on resampled z sequences, kept as their records.
+
+    The sequences are drawn once (fixed seed): i.i.d. from the pooled z
+    (``block_length=1``, METHOD.md §3 as written), or by a circular block bootstrap
+    within the runs (``segments`` given, ``block_length`` > 1 or None = whole runs),
+    which keeps the serial dependence of each run's z up to the block length.
 
     The running maximum M_t of each sequence is non-decreasing, so the run length for
     any h is the time of the first record of M above h. Keeping only the records (value
     and time at each increase of M) makes ARL0(h) cheap to evaluate for many h.
+
+    Args:
+        pool: float array [n], the pooled z (the runs of ``segments`` concatenated).
+        delta: allowance.
+        n_sequences: sequences simulated.
+        length: snapshots per sequence.
+        seed: int.
+        segments: list of 1-D arrays, the runs' z (needed unless block_length == 1).
+        block_length: int >= 1 or None (whole runs).
     """
 
-    def __init__(self, pool, delta, n_sequences, length, seed):
+    def __init__(self, pool, delta, n_sequences, length, seed, segments=None,
+                 block_length=1):
         rng = np.random.default_rng(seed)
         self.length = int(length)
         self.n_sequences = int(n_sequences)
+        iid = block_length is not None and int(block_length) == 1
+        if not iid:
+            if segments is None:
+                raise ValueError("block resampling needs the runs (segments).")
+            pool = np.concatenate(segments)
+            lengths = np.array([len(s) for s in segments])
         per_chunk = max(1, _CHUNK_ELEMENTS // self.length)
         values, times, counts = [], [], []
         done = 0
         while done < self.n_sequences:
             c = min(per_chunk, self.n_sequences - done)
-            z = pool[rng.integers(0, pool.size, size=(c, self.length))]
+            if iid:
+                z = pool[rng.integers(0, pool.size, size=(c, self.length))]
+            else:
+                z = pool[_block_indices(lengths, c * self.length, block_length, rng)]
+                z = z.reshape(c, self.length)
             # Lindley's closed form, as in detector.page_hinkley_statistics, in place.
             stat = None
             for sign in (1.0, -1.0):
@@ -151,6 +219,11 @@ class _Resampled:
     def censored_fraction(self, h):
         return float(np.mean(np.isnan(self.run_lengths(h))))
 
+    def alert_prob(self, h, horizon):
+        """Share of sequences alerting within their first ``horizon`` snapshots."""
+        rl = self.run_lengths(h)
+        return float(np.mean(~np.isnan(rl) & (rl <= horizon)))
+
 
 @dataclass
 class GroupCalibration:
@@ -176,6 +249,11 @@ class GroupCalibration:
             and the p-value of the Bartlett/Box-Pierce test of independence.
         censored_fraction: share of resampled sequences without an alert within
             ``max_length`` at h (should be ~0).
+        resampled_false_alarm_prob: share of the resampled sequences that alert within
+            their first ``horizon`` snapshots (from a zero start, as a new run does):
+            the false-alarm probability per run the resampling predicts, without the
+            geometric approximation of ``false_alarm_prob``. None in files written
+            before it existed.
     """
 
     group: str
@@ -193,6 +271,7 @@ class GroupCalibration:
     lag1_r: float
     lag1_pvalue: float
     censored_fraction: float
+    resampled_false_alarm_prob: Optional[float] = None
 
     def expected_false_alarm_prob(self, horizon):
         """1 - (1 - 1/ARL0)^horizon for another run length (in snapshots)."""
@@ -209,7 +288,8 @@ class GroupCalibration:
         d = dict(d)
         d["baseline"] = Baseline.from_dict(d["baseline"])
         d["loo_false_alarm_ci"] = tuple(d["loo_false_alarm_ci"])
-        return cls(**d)
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 def _false_alarm_prob(arl0, horizon):
@@ -235,6 +315,9 @@ class Calibration:
         transform: None or ``"log"``.
         n_resamples, max_length, seed, confidence: the calibration's settings.
         results: group -> ``GroupCalibration``.
+        block_length: how the LOO z were resampled: None = whole runs (circular block
+            bootstrap with one run per block), k >= 1 = circular blocks of k snapshots
+            within runs, 1 = i.i.d. from the pool (files of version 1).
 
     Example:
         >>> cal = calibrate_threshold({"dense_1": clean_runs}, target_arl0=500,
@@ -253,6 +336,7 @@ class Calibration:
     seed: int
     confidence: float
     results: Dict[str, GroupCalibration] = field(default_factory=dict)
+    block_length: Optional[int] = None
 
     def __getitem__(self, group):
         try:
@@ -339,6 +423,7 @@ class Calibration:
             "max_length": self.max_length,
             "seed": self.seed,
             "confidence": self.confidence,
+            "block_length": self.block_length,
             "results": {g: self.results[g].to_dict() for g in self.groups},
         }
 
@@ -346,15 +431,16 @@ class Calibration:
     def from_dict(cls, d):
         if d.get("format") != _FORMAT:
             raise ValueError(f"Not a keras-hesstrace calibration (format={d.get('format')!r}).")
-        if d.get("version") != _VERSION:
+        if d.get("version") not in (1, _VERSION):
             raise ValueError(f"Unsupported calibration version {d.get('version')!r}; "
-                             f"this package reads version {_VERSION}.")
+                             f"this package reads versions 1 to {_VERSION}.")
         return cls(
             groups=tuple(d["groups"]), every_n_steps=d["every_n_steps"],
             target_arl0=d["target_arl0"], delta=d["delta"], transform=d["transform"],
             n_resamples=d["n_resamples"], max_length=d["max_length"], seed=d["seed"],
             confidence=d["confidence"],
             results={g: GroupCalibration.from_dict(r) for g, r in d["results"].items()},
+            block_length=d["block_length"] if d["version"] >= 2 else 1,
         )
 
     def save(self, path):
@@ -417,8 +503,18 @@ def _bisect(sim, target, tol):
 
 def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
                         every_n_steps=None, group=None, horizon=None, n_resamples=4000,
-                        max_length=None, seed=0, confidence=0.95, ddof=1, tol=1e-6):
+                        max_length=None, seed=0, confidence=0.95, ddof=1, tol=1e-6,
+                        block_length=None):
     """Calibrate h so that the in-control ARL on clean runs equals ``target_arl0``.
+
+    The leave-one-out z of the clean runs are resampled into long sequences on which
+    ARL0(h) is estimated. By default whole runs are resampled (``block_length=None``):
+    each sequence is a concatenation of randomly chosen LOO-standardised runs, each
+    rotated by a random offset (circular block bootstrap, one run per block), so the
+    serial dependence of real runs (a clean run that stays above the baseline for many
+    snapshots) is kept. ``block_length=1`` resamples the pooled z i.i.d. (METHOD.md §3
+    as written): with autocorrelated z (``lag1_r`` > 0) it makes h too small and real
+    runs false-alarm more often than ARL0 says (docs/memorisation.md, tests).
 
     Args:
         clean_runs: a dict group -> trajectories, or trajectories of one group (then
@@ -440,6 +536,9 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         confidence: level of the Wilson interval of the LOO false-alarm rate.
         ddof: of the baselines' standard deviations.
         tol: relative bisection tolerance on h.
+        block_length: None (default): resample whole LOO runs; an int k >= 1: circular
+            blocks of k consecutive snapshots within runs (capped at each run's
+            length); 1: i.i.d. from the pool.
 
     Returns:
         ``Calibration``.
@@ -465,6 +564,11 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
     check_transform(transform)
     if every_n_steps is not None and (int(every_n_steps) != every_n_steps or every_n_steps < 1):
         raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
+    if block_length is not None:
+        if isinstance(block_length, bool) or int(block_length) != block_length or block_length < 1:
+            raise ValueError(f"block_length must be None (whole runs) or an integer >= 1, "
+                             f"got {block_length!r}.")
+        block_length = int(block_length)
     if n_resamples < 100:
         raise ValueError(f"n_resamples must be >= 100, got {n_resamples}.")
     max_length = int(math.ceil(10 * target_arl0)) if max_length is None else int(max_length)
@@ -488,7 +592,8 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         except ValueError as e:
             raise ValueError(f"group {g!r}: {e}") from None
         pool = np.concatenate(loo)
-        sim = _Resampled(pool, delta, n_resamples, max_length, seed)
+        sim = _Resampled(pool, delta, n_resamples, max_length, seed, segments=loo,
+                         block_length=block_length)
         h = _bisect(sim, target_arl0, tol)
         arl0 = sim.arl(h)
         # LOO false alarms: each real clean run, standardised without itself.
@@ -505,10 +610,11 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
             loo_false_alarm_ci=tuple(stats.wilson_interval(k, len(loo), confidence)),
             loo_alert_indices=alerts, lag1_r=float(lag1.r), lag1_pvalue=float(lag1.pvalue),
             censored_fraction=sim.censored_fraction(h),
+            resampled_false_alarm_prob=sim.alert_prob(h, T),
         )
     return Calibration(
         groups=tuple(by_group), every_n_steps=None if every_n_steps is None else int(every_n_steps),
         target_arl0=target_arl0, delta=delta, transform=transform,
         n_resamples=int(n_resamples), max_length=max_length, seed=int(seed),
-        confidence=float(confidence), results=results,
+        confidence=float(confidence), results=results, block_length=block_length,
     )
