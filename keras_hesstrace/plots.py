@@ -16,6 +16,14 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi="figure"):
+    """Lay out ``fig``, write it to ``path`` (PNG), close it and return ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_density(result, path, title=None):
     """The SLQ density on a log scale, with the Ritz values as ticks.
 
@@ -35,10 +43,7 @@ def plot_density(result, path, title=None):
     ax.set_ylabel("density (log scale)")
     ax.set_title(title or f"Eigenvalue density (SLQ, {result.num_runs} run(s) x {result.lanczos_steps} steps, σ={result.sigma:.2g})")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_landscape(result, path, title=None):
@@ -76,10 +81,7 @@ def plot_landscape(result, path, title=None):
     if result.eigenvalues is not None:
         extra = " (λ = " + ", ".join(f"{v:.3g}" for v in result.eigenvalues) + ")"
     fig.suptitle(title or f"Loss landscape around the weights{extra}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_traces(frame, path, title=None, num_se=2.0):
@@ -104,7 +106,4 @@ def plot_traces(frame, path, title=None, num_se=2.0):
     ax.set_xlabel(f"tr(H_ll), Hutchinson estimate ± {num_se:g} SE")
     ax.set_title(title or "Per-layer Hessian trace")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

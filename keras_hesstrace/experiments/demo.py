@@ -154,6 +154,8 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
     import matplotlib.pyplot as plt
     import pandas as pd
 
+    from keras_hesstrace.plots import save_figure
+
     r = cal["head"]
     fig, axes = plt.subplots(3, 1, figsize=(9, 11.5), sharex=True)
     ax = axes[0]
@@ -204,6 +206,4 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
                  "clean run)", fontsize=10)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.15))
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)

@@ -1011,6 +1011,8 @@ def plot_cell(config, out, arch, dataset, cal, records):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from keras_hesstrace.plots import save_figure
+
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     rates = sorted(float(x) for x in config.noise_rates)
     cmap = plt.get_cmap("autumn_r")
@@ -1064,11 +1066,8 @@ def plot_cell(config, out, arch, dataset, cal, records):
                      f"alert (h = {cal[g].threshold:.2f})", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        p = os.path.join(out, "plots", f"{arch}-{dataset}-{_safe(g)}-trajectories.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(
+            fig, os.path.join(out, "plots", f"{arch}-{dataset}-{_safe(g)}-trajectories.png"), dpi=110))
 
         fig, ax = plt.subplots(figsize=(9, 5))
         seen.clear()
@@ -1095,11 +1094,8 @@ def plot_cell(config, out, arch, dataset, cal, records):
                      "runs (axis cut at 4h)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")
-        fig.tight_layout()
-        p = os.path.join(out, "plots", f"{arch}-{dataset}-{_safe(g)}-statistic.png")
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
-        paths.append(p)
+        paths.append(save_figure(
+            fig, os.path.join(out, "plots", f"{arch}-{dataset}-{_safe(g)}-statistic.png"), dpi=110))
     return paths
 
 
