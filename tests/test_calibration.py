@@ -35,7 +35,7 @@ def test_resampling_engine_reproduces_published_cusum_arl():
     # Introduction to Statistical Quality Control, Table 9.3; Siegmund's approximation
     # gives 169 and 469). 4000 resampled runs: Monte Carlo error about 1.6%; allow 6%.
     pool = np.random.default_rng(0).normal(size=1_000_000)
-    sim = _Resampled(pool, delta=0.5, n_sequences=4000, length=5000, seed=1)
+    sim = _Resampled([pool], delta=0.5, n_sequences=4000, length=5000, seed=1)
     assert sim.arl(4.0) == pytest.approx(168, rel=0.06)
     assert sim.arl(5.0) == pytest.approx(465, rel=0.06)
     # Records give the same run lengths as the plain recursion on the same draws.
@@ -220,8 +220,8 @@ def test_block_length_one_is_the_iid_pool_and_blocks_stay_within_runs():
     rng = np.random.default_rng(10)
     runs = [rng.normal(size=40) for _ in range(6)]
     pool = np.concatenate(runs)
-    a = _Resampled(pool, 0.5, 300, 500, seed=2)
-    b = _Resampled(pool, 0.5, 300, 500, seed=2, segments=runs, block_length=1)
+    a = _Resampled([pool], 0.5, 300, 500, seed=2)
+    b = _Resampled(runs, 0.5, 300, 500, seed=2, block_length=1)
     np.testing.assert_array_equal(a.run_lengths(3.0), b.run_lengths(3.0))
     # Whole-run blocks: every stretch of the stream between block boundaries is one
     # run, rotated (consecutive values of one run, wrapping around its end).

@@ -150,26 +150,21 @@ class _Resampled:
     and time at each increase of M) makes ARL0(h) cheap to evaluate for many h.
 
     Args:
-        pool: float array [n], the pooled z (the runs of ``segments`` concatenated).
+        segments: list of 1-D arrays, the runs' z (their concatenation is the pool).
         delta: allowance.
         n_sequences: sequences simulated.
         length: snapshots per sequence.
         seed: int.
-        segments: list of 1-D arrays, the runs' z (needed unless block_length == 1).
-        block_length: int >= 1 or None (whole runs).
+        block_length: int >= 1 or None (whole runs); 1 draws from the pool i.i.d.
     """
 
-    def __init__(self, pool, delta, n_sequences, length, seed, segments=None,
-                 block_length=1):
+    def __init__(self, segments, delta, n_sequences, length, seed, block_length=1):
         rng = np.random.default_rng(seed)
         self.length = int(length)
         self.n_sequences = int(n_sequences)
+        pool = np.concatenate(segments)
+        lengths = np.array([len(s) for s in segments])
         iid = block_length is not None and int(block_length) == 1
-        if not iid:
-            if segments is None:
-                raise ValueError("block resampling needs the runs (segments).")
-            pool = np.concatenate(segments)
-            lengths = np.array([len(s) for s in segments])
         per_chunk = max(1, _CHUNK_ELEMENTS // self.length)
         values, times, counts = [], [], []
         done = 0
@@ -591,9 +586,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
             loo = loo_standardize(traj, transform=transform, ddof=ddof)
         except ValueError as e:
             raise ValueError(f"group {g!r}: {e}") from None
-        pool = np.concatenate(loo)
-        sim = _Resampled(pool, delta, n_resamples, max_length, seed, segments=loo,
-                         block_length=block_length)
+        sim = _Resampled(loo, delta, n_resamples, max_length, seed, block_length=block_length)
         h = _bisect(sim, target_arl0, tol)
         arl0 = sim.arl(h)
         # LOO false alarms: each real clean run, standardised without itself.
@@ -604,7 +597,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         T = len(baseline) if horizon is None else int(horizon)
         results[g] = GroupCalibration(
             group=g, threshold=float(h), arl0=float(arl0), baseline=baseline,
-            n_runs=len(loo), n_z=int(pool.size), horizon=T,
+            n_runs=len(loo), n_z=int(sum(len(z) for z in loo)), horizon=T,
             false_alarm_prob=_false_alarm_prob(arl0, T),
             loo_false_alarms=k, loo_false_alarm_rate=k / len(loo),
             loo_false_alarm_ci=tuple(stats.wilson_interval(k, len(loo), confidence)),
