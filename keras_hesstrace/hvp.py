@@ -23,9 +23,9 @@ import keras
 from keras_hesstrace.groups import check_model
 
 MODES = ("reverse", "forward")
-# The default by measurement (benchmarks/hvp_cost.py, ResNet-18 batch 128 on 2 CPU cores):
-# forward-over-reverse is as fast as reverse-over-reverse (2.30x vs 2.33x a gradient,
-# interleaved in one process) at about half the peak memory (1.31x vs 2.39x a gradient's).
+# The default by measurement (ResNet-18, batch 128, 2 CPU cores): benchmarks/probe_modes.py
+# times a probe at 2.73x a gradient forward, 2.74x reverse; benchmarks/hvp_cost.py measures
+# its peak memory at 1.31x a gradient's forward, 2.39x reverse (README, "Measured cost").
 DEFAULT_MODE = "forward"
 _ZERO = tf.UnconnectedGradients.ZERO
 

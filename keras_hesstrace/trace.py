@@ -260,10 +260,9 @@ def layer_traces(
     per_call = int(probes_per_call)
     if per_call < 1:
         raise ValueError(f"probes_per_call must be >= 1, got {probes_per_call}.")
-    if max_batch_size is not None and (isinstance(max_batch_size, bool) or int(max_batch_size) != max_batch_size
-                                       or max_batch_size < 1):
-        raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}.")
     if max_batch_size is not None:
+        if isinstance(max_batch_size, bool) or int(max_batch_size) != max_batch_size or max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}.")
         check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
     chunks = [
         (start, tf.stack([probe_seed(seed, m) for m in range(start, min(start + per_call, num_probes))]))
