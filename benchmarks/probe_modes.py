@@ -30,20 +30,15 @@ def main():
     parser.add_argument("--chunk", type=int, default=64, help="max_batch_size of the chunked rows")
     args = parser.parse_args()
 
-    import numpy as np
     import tensorflow as tf
     import keras
 
     import keras_hesstrace as kh
-    from keras_hesstrace import models
     from keras_hesstrace.hvp import make_objective, to_tensors
+    from hvp_cost import _setup  # the same model and batch as hvp_cost.py
 
-    keras.utils.set_random_seed(0)
-    model = getattr(models, args.arch)(num_classes=10, input_shape=(32, 32, 3))
-    model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    x, y = to_tensors(rng.normal(size=(args.batch, 32, 32, 3)).astype("float32"),
-                      rng.integers(0, 10, size=args.batch))
+    model, x, y = _setup(args.batch, args.arch)
+    x, y = to_tensors(x, y)
     variables = model.trainable_variables
     objective = make_objective(model)
 
