@@ -82,8 +82,12 @@ class ExperimentConfig:
             persistent run-level offset to the trace that the per-snapshot baseline
             cannot absorb, and false alarms rise (docs/memorisation.md).
         groups: grouping of the parameters (``"layer"``: one group per layer).
-        monitor: the groups the alert rule watches (the paper: the classifier ``head``).
+        monitor: the groups the alert rule watches (the paper: the classifier ``head``;
+            ``"total"`` is the whole model's trace, which the callback always records).
         transform: ``"log"`` (standardise log(trace); the trace spans decades) or None.
+        reference_snapshot: None (METHOD.md §3: each snapshot against the clean
+            baseline), or a snapshot index r: each run is scored by its change since
+            its own snapshot r, T(x_t) - T(x_r) for t > r (``calibrate_threshold``).
         log_floor: with ``"log"``: trace estimates below it are raised to it before the
             rule sees them (a single-pass estimate of a small trace can come out <= 0;
             with weight decay lambda the head's true trace is >= lambda * its parameter
@@ -121,6 +125,7 @@ class ExperimentConfig:
     groups: str = "layer"
     monitor: List[str] = field(default_factory=lambda: ["head"])
     transform: Optional[str] = "log"
+    reference_snapshot: Optional[int] = None
     log_floor: Optional[float] = None
     target_arl0: float = 300.0
     delta: float = 0.5
@@ -161,6 +166,16 @@ class ExperimentConfig:
             raise ValueError(f"transform must be None or 'log', got {self.transform!r}.")
         if not self.monitor:
             raise ValueError("monitor must name at least one group (e.g. ['head']).")
+        if self.reference_snapshot is not None:
+            from keras_hesstrace.monitor.detector import check_reference
+
+            check_reference(self.reference_snapshot)
+            per_run = min((self.epochs * steps_per_epoch(self, d)) // self.every_n_steps + 1
+                          for d in self.datasets)
+            if self.reference_snapshot > per_run - 2:
+                raise ValueError(
+                    f"reference_snapshot={self.reference_snapshot} leaves nothing to score: "
+                    f"a run has about {per_run} snapshots (every {self.every_n_steps} steps).")
         if self.augment and "digits" in self.datasets:
             raise ValueError("augment is the CIFAR crop+flip; it makes no sense for 8x8 digits.")
         if self.effect_window is not None and len(self.effect_window) != 2:
@@ -210,6 +225,11 @@ PRESETS = {
         noisy_runs=5, epochs=16, batch_size=32, learning_rate=0.05, momentum=0.9,
         weight_decay=5e-4, schedule="constant", every_n_steps=22, num_probes=10,
         probe_batch_size=256, target_arl0=300.0, log_floor=0.05,
+        # The whole model's trace, each run relative to its own value at epoch 1
+        # (snapshot 2): on the digits a noisy run's trace first dips below the clean
+        # runs' the more the higher eta, which delays the absolute rule's alerts at high
+        # eta; referencing each run to itself removes the dip (docs/memorisation.md).
+        monitor=["total"], reference_snapshot=2,
     ),
     # The paper's grid (METHOD.md §4): for a GPU machine with CIFAR prepared.
     # 391 steps/epoch x 60 epochs / K=100 -> 235 snapshots; target ARL0 2000 snapshots
@@ -578,7 +598,8 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
                 last = trace_cb.history[-1]["result"] if trace_cb.history else None
                 tr = ""
                 if last is not None:
-                    tr = " ".join(f"{g} {last[g]:.3g}" for g in monitor if g in last.groups)
+                    tr = " ".join(f"{g} {last.total if g == 'total' else last[g]:.3g}"
+                                  for g in monitor if g == "total" or g in last.groups)
                     tr = f" | trace {tr}"
                 logs = logs or {}
                 _log(f"{prefix}epoch {epoch + 1:>3}/{config.epochs} loss "
@@ -643,6 +664,44 @@ def rule_values(config, values):
     return values
 
 
+def rule_scale(config, values):
+    """The per-run scale the rule standardises, for plots and effect sizes.
+
+    Args:
+        config: ``ExperimentConfig``.
+        values: float array [T] of one run's rule values (``rule_values``).
+
+    Returns:
+        float64 array [T]: log(value) under the log transform (NaN where value <= 0 or
+        non-finite), the value itself otherwise; with a ``reference_snapshot`` r, minus
+        the run's own entry at r, and NaN at snapshots 0..r (not scored).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if config.transform == "log":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            y = np.where(values > 0, np.log(np.where(values > 0, values, 1.0)), np.nan)
+    else:
+        y = values.copy()
+    r = config.reference_snapshot
+    if r is not None:
+        y = y - (y[r] if r < len(y) else np.nan)
+        y[: r + 1] = np.nan
+    return y
+
+
+def scale_name(config, group=None, every_n_steps_epochs=None):
+    """Words for ``rule_scale``: e.g. "log trace minus its value at snapshot 2"."""
+    what = ("log " if config.transform == "log" else "") + "trace"
+    if group is not None:
+        what += f" of '{group}'"
+    r = config.reference_snapshot
+    if r is not None:
+        what += f" minus the run's own value at snapshot {r}"
+        if every_n_steps_epochs is not None:
+            what += f" (epoch {r * every_n_steps_epochs:g})"
+    return what
+
+
 def read_trajectory(csv_path, group):
     """The ``group``'s rows of a callback CSV in step order: (steps int [T], traces [T])."""
     import pandas as pd
@@ -690,7 +749,8 @@ def calibrate_cell(config, out, arch, dataset):
             trajectories[g].append(rule_values(config, read_trajectory(csv_path, g)[1]))
     cal = calibrate_threshold(trajectories, config.target_arl0, config.delta,
                               transform=config.transform, every_n_steps=config.every_n_steps,
-                              n_resamples=config.n_resamples, seed=0)
+                              n_resamples=config.n_resamples, seed=0,
+                              reference_snapshot=config.reference_snapshot)
     path = os.path.join(out, f"{arch}-{dataset}", "calibration.json")
     _atomic_write_json(path, cal.to_dict())
     return cal
@@ -822,10 +882,8 @@ def detections(config, out, arch, dataset, cal):
                     r = det.update(float(v), step=int(s))
                     statistic[t] = r.statistic
                 alert_index = det.alert_index
-            window = (epochs >= lo) & (epochs <= hi) & np.isfinite(values)
-            w = values[window]
-            if config.transform == "log":
-                w = np.log(w[w > 0])
+            scale = rule_scale(config, values)
+            w = scale[(epochs >= lo) & (epochs <= hi) & np.isfinite(scale)]
             rec.update({
                 "alert": int(alert_index is not None),
                 "alert_snapshot": alert_index,
@@ -838,6 +896,7 @@ def detections(config, out, arch, dataset, cal):
             })
             rec["_steps"], rec["_epochs"], rec["_values"], rec["_statistic"] = (
                 steps, epochs, values, statistic)
+            rec["_scale"] = scale
             records.append(rec)
     return records
 
@@ -933,11 +992,12 @@ def summary_markdown(frame, calibrations, config):
     lo, hi = config.window()
     lines += [
         "",
+        f"The rule standardises the {scale_name(config)} of the group in each row. "
         "Detection epoch: training epochs completed at the first alert (step / steps per "
         "epoch), over the runs that alerted. η = 0 rows: held-out clean runs standardised "
         "with the baseline of the calibration runs (alert rate = false-alarm rate); "
         f"η > 0 rows: noisy runs (alert rate = power). Cohen's d on the mean "
-        f"{'log ' if config.transform == 'log' else ''}trace over epochs {lo:g}–{hi:g}, "
+        f"{scale_name(config)} over epochs {lo:g}–{hi:g}, "
         "noisy runs vs all clean runs (η = 0: held-out vs calibration runs).",
         "",
         "## Calibration",
@@ -1018,6 +1078,11 @@ def plot_cell(config, out, arch, dataset, cal, records):
     cmap = plt.get_cmap("autumn_r")
     colour = {r: cmap(0.35 + 0.65 * i / max(len(rates) - 1, 1)) for i, r in enumerate(rates)}
     paths = []
+    log = config.transform == "log"
+
+    def shown(y):  # the rule's scale back on the trace's scale (a ratio with a reference)
+        return np.exp(y) if log else y
+
     for g in config.monitor:
         recs = [r for r in records if r["group"] == g]
         base = cal[g].baseline
@@ -1040,28 +1105,31 @@ def plot_cell(config, out, arch, dataset, cal, records):
             else:
                 kw = dict(color=colour[r["noise_rate"]], lw=1.2,
                           label=label(r["noise_rate"], f"noisy η = {r['noise_rate']:.1f}"))
-            ax.plot(r["_epochs"], r["_values"], **kw)
+            ax.plot(r["_epochs"], shown(r["_scale"]), **kw)
             if r["alert"] and r["role"] != "calibration":
                 i = r["alert_snapshot"]
-                ax.plot(r["_epochs"][i], r["_values"][i], marker="v", ms=9,
+                ax.plot(r["_epochs"][i], shown(r["_scale"][i]), marker="v", ms=9,
                         color=kw["color"], mec="black", zorder=5,
                         label=label("alert", "first alert"))
         spe_epochs = recs[0]["_epochs"][: len(base)] if recs else None
         if spe_epochs is not None and len(spe_epochs) == len(base):
-            if base.transform == "log":
-                lo, hi = np.exp(base.mean - 2 * base.std), np.exp(base.mean + 2 * base.std)
-                mid = np.exp(base.mean)
-            else:
-                lo, hi, mid = base.mean - 2 * base.std, base.mean + 2 * base.std, base.mean
+            lo, hi = shown(base.mean - 2 * base.std), shown(base.mean + 2 * base.std)
+            mid = shown(base.mean)
             ax.fill_between(spe_epochs, lo, hi, color="0.85", alpha=0.6, zorder=0,
                             label="clean baseline ± 2 sd")
             ax.plot(spe_epochs, mid, color="black", lw=1, ls="--", label="clean baseline mean")
-        if config.transform == "log":
+        if log:
             ax.set_yscale("log")
         ax.set_xlabel("epoch")
-        ax.set_ylabel(f"Hessian trace of layer '{g}' (fixed batch)"
-                      + (f"; floored at {config.log_floor:g}" if config.transform == "log"
-                         and config.log_floor is not None else ""))
+        what = "model" if g == "total" else f"layer '{g}'"
+        floor = (f"; floored at {config.log_floor:g}" if log and config.log_floor is not None
+                 else "")
+        if config.reference_snapshot is None:
+            ax.set_ylabel(f"Hessian trace of {what} (fixed batch){floor}")
+        else:
+            at = config.reference_snapshot * config.every_n_steps / steps_per_epoch(config, dataset)
+            ax.set_ylabel(f"Hessian trace of {what} "
+                          + ("/" if log else "−") + f" the run's own at epoch {at:g}{floor}")
         ax.set_title(f"{arch} on {dataset}: clean vs noisy-label runs; triangles = first "
                      f"alert (h = {cal[g].threshold:.2f})", fontsize=10)
         ax.grid(True, which="major", alpha=0.3)
@@ -1090,7 +1158,7 @@ def plot_cell(config, out, arch, dataset, cal, records):
         ax.set_ylim(0, 4 * h)
         ax.set_xlabel("epoch")
         ax.set_ylabel("Page–Hinkley statistic max(g⁺, g⁻)")
-        ax.set_title(f"{arch} on {dataset}, layer '{g}': detection statistic of the Phase II "
+        ax.set_title(f"{arch} on {dataset}, group '{g}': detection statistic of the Phase II "
                      "runs (axis cut at 4h)", fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="upper left")

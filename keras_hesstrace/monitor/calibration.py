@@ -40,16 +40,19 @@ from keras_hesstrace.monitor.detector import (
     PageHinkley,
     _as_trajectories,
     apply_transform,
+    check_reference,
     check_transform,
+    relative_to_reference,
     run_lengths,
 )
 
 _FORMAT = "keras-hesstrace-calibration"
-_VERSION = 2  # 2 added block_length (version 1 files were i.i.d.: block_length 1)
+_VERSION = 3  # 2 added block_length (version 1 files were i.i.d.: block_length 1);
+#               3 added reference_snapshot (earlier files: None)
 _CHUNK_ELEMENTS = 2_000_000  # sequences x snapshots simulated at once (16 MB per array)
 
 
-def loo_standardize(trajectories, transform=None, ddof=1):
+def loo_standardize(trajectories, transform=None, ddof=1, reference=None):
     """Leave-one-out z of each clean run.
 
     Args:
@@ -57,19 +60,24 @@ def loo_standardize(trajectories, transform=None, ddof=1):
             N >= 3.
         transform: None or ``"log"``.
         ddof: of the baselines' standard deviations.
+        reference: None, or the snapshot r each run is scored relative to (see
+            ``keras_hesstrace.monitor.detector``).
 
     Returns:
-        list of N float64 arrays; run i's array holds its z at snapshots
-        0..T_i'-1, where T_i' <= T_i stops at the first snapshot that fewer than two
-        other runs reach.
+        list of N float64 arrays; run i's array holds its z at the scored snapshots
+        s, s+1, ..., T_i'-1, where s = 0 (s = r + 1 with a reference) and T_i' <= T_i
+        stops at the first snapshot that fewer than two other runs reach.
 
     Raises:
         ValueError: fewer than three runs, or zero spread among the other runs at a
             snapshot (run and snapshot named).
     """
     check_transform(transform)
+    reference = check_reference(reference)
     runs = [apply_transform(r, transform, what="clean-run value")
             for r in _as_trajectories(trajectories)]
+    runs = relative_to_reference(runs, reference)
+    off = 0 if reference is None else reference + 1
     n = len(runs)
     if n < 3:
         raise ValueError(
@@ -92,7 +100,7 @@ def loo_standardize(trajectories, transform=None, ddof=1):
         if zero.size:
             raise ValueError(
                 f"The clean runs other than run {i} have zero spread at snapshot "
-                f"{int(zero[0])}: cannot standardise."
+                f"{int(zero[0]) + off}: cannot standardise."
             )
         out.append((r[:usable] - mu) / sd)
     return out
@@ -233,13 +241,15 @@ class GroupCalibration:
         n_runs: N, clean runs.
         n_z: pooled leave-one-out z values.
         horizon: T, snapshots of a run for the false-alarm probability (the baseline's
-            length unless given).
+            length unless given). With a reference snapshot r only T - r - 1 of them
+            are scored, and the probabilities below count those.
         false_alarm_prob: expected false-alarm probability within T snapshots,
-            1 - (1 - 1/arl0)^T.
+            1 - (1 - 1/arl0)^T' (T' scored snapshots).
         loo_false_alarms: clean runs whose LOO z alert within their length.
         loo_false_alarm_rate: loo_false_alarms / n_runs.
         loo_false_alarm_ci: Wilson interval of that rate at the calibration's confidence.
-        loo_alert_indices: per run, the 1-based snapshot of its LOO false alarm or None.
+        loo_alert_indices: per run, the 1-based snapshot of its LOO false alarm or None
+            (counted from snapshot 0 of the run, also with a reference).
         lag1_r, lag1_pvalue: lag-1 autocorrelation of the pooled z (pairs within runs)
             and the p-value of the Bartlett/Box-Pierce test of independence.
         censored_fraction: share of resampled sequences without an alert within
@@ -269,8 +279,12 @@ class GroupCalibration:
     resampled_false_alarm_prob: Optional[float] = None
 
     def expected_false_alarm_prob(self, horizon):
-        """1 - (1 - 1/ARL0)^horizon for another run length (in snapshots)."""
-        return _false_alarm_prob(self.arl0, horizon)
+        """1 - (1 - 1/ARL0)^T' for a run of ``horizon`` snapshots, T' of them scored."""
+        return _false_alarm_prob(self.arl0, self.scored_snapshots(horizon))
+
+    def scored_snapshots(self, horizon):
+        """How many of the first ``horizon`` snapshots of a run the rule scores."""
+        return max(0, int(horizon) - self.baseline.first_scored)
 
     def to_dict(self):
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "baseline"}
@@ -313,6 +327,8 @@ class Calibration:
         block_length: how the LOO z were resampled: None = whole runs (circular block
             bootstrap with one run per block), k >= 1 = circular blocks of k snapshots
             within runs, 1 = i.i.d. from the pool (files of version 1).
+        reference_snapshot: None, or the snapshot r every run is scored relative to
+            (files before version 3: None).
 
     Example:
         >>> cal = calibrate_threshold({"dense_1": clean_runs}, target_arl0=500,
@@ -332,6 +348,7 @@ class Calibration:
     confidence: float
     results: Dict[str, GroupCalibration] = field(default_factory=dict)
     block_length: Optional[int] = None
+    reference_snapshot: Optional[int] = None
 
     def __getitem__(self, group):
         try:
@@ -419,6 +436,7 @@ class Calibration:
             "seed": self.seed,
             "confidence": self.confidence,
             "block_length": self.block_length,
+            "reference_snapshot": self.reference_snapshot,
             "results": {g: self.results[g].to_dict() for g in self.groups},
         }
 
@@ -426,7 +444,7 @@ class Calibration:
     def from_dict(cls, d):
         if d.get("format") != _FORMAT:
             raise ValueError(f"Not a keras-hesstrace calibration (format={d.get('format')!r}).")
-        if d.get("version") not in (1, _VERSION):
+        if d.get("version") not in (1, 2, _VERSION):
             raise ValueError(f"Unsupported calibration version {d.get('version')!r}; "
                              f"this package reads versions 1 to {_VERSION}.")
         return cls(
@@ -436,6 +454,7 @@ class Calibration:
             confidence=d["confidence"],
             results={g: GroupCalibration.from_dict(r) for g, r in d["results"].items()},
             block_length=d["block_length"] if d["version"] >= 2 else 1,
+            reference_snapshot=d["reference_snapshot"] if d["version"] >= 3 else None,
         )
 
     def save(self, path):
@@ -470,8 +489,10 @@ class Calibration:
 
     def __repr__(self):
         parts = ", ".join(f"{g}: h={self.results[g].threshold:.3f}" for g in self.groups)
+        ref = ("" if self.reference_snapshot is None
+               else f"reference_snapshot={self.reference_snapshot}, ")
         return (f"Calibration(target_arl0={self.target_arl0}, delta={self.delta}, "
-                f"transform={self.transform!r}, every_n_steps={self.every_n_steps}, {parts})")
+                f"transform={self.transform!r}, {ref}every_n_steps={self.every_n_steps}, {parts})")
 
 
 def _bisect(sim, target, tol):
@@ -499,7 +520,7 @@ def _bisect(sim, target, tol):
 def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
                         every_n_steps=None, group=None, horizon=None, n_resamples=4000,
                         max_length=None, seed=0, confidence=0.95, ddof=1, tol=1e-6,
-                        block_length=None):
+                        block_length=None, reference_snapshot=None):
     """Calibrate h so that the in-control ARL on clean runs equals ``target_arl0``.
 
     The leave-one-out z of the clean runs are resampled into long sequences on which
@@ -534,6 +555,10 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         block_length: None (default): resample whole LOO runs; an int k >= 1: circular
             blocks of k consecutive snapshots within runs (capped at each run's
             length); 1: i.i.d. from the pool.
+        reference_snapshot: None (default: METHOD.md §3), or a snapshot index r: each
+            run is scored by T(x_t) - T(x_r) at t > r, its change since its own
+            snapshot r (snapshots 0..r are not scored). It removes run-level offsets
+            the per-snapshot baseline cannot absorb (docs/memorisation.md).
 
     Returns:
         ``Calibration``.
@@ -557,6 +582,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta must be finite and >= 0, got {delta!r}.")
     check_transform(transform)
+    reference_snapshot = check_reference(reference_snapshot)
     if every_n_steps is not None and (int(every_n_steps) != every_n_steps or every_n_steps < 1):
         raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
     if block_length is not None:
@@ -582,8 +608,10 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
     results = {}
     for g, traj in by_group.items():
         try:
-            baseline = Baseline.from_runs(traj, transform=transform, group=g, ddof=ddof)
-            loo = loo_standardize(traj, transform=transform, ddof=ddof)
+            baseline = Baseline.from_runs(traj, transform=transform, group=g, ddof=ddof,
+                                          reference=reference_snapshot)
+            loo = loo_standardize(traj, transform=transform, ddof=ddof,
+                                  reference=reference_snapshot)
         except ValueError as e:
             raise ValueError(f"group {g!r}: {e}") from None
         sim = _Resampled(loo, delta, n_resamples, max_length, seed, block_length=block_length)
@@ -591,23 +619,26 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         arl0 = sim.arl(h)
         # LOO false alarms: each real clean run, standardised without itself.
         loo_rl = [run_lengths(z, h, delta) for z in loo]
-        alerts = [None if np.isnan(v) else int(v) for v in loo_rl]
+        off = baseline.first_scored  # z of snapshot off is loo[i][0]
+        alerts = [None if np.isnan(v) else int(v) + off for v in loo_rl]
         k = sum(a is not None for a in alerts)
         lag1 = stats.lag1_autocorrelation(loo)
         T = len(baseline) if horizon is None else int(horizon)
+        scored = max(0, T - off)
         results[g] = GroupCalibration(
             group=g, threshold=float(h), arl0=float(arl0), baseline=baseline,
             n_runs=len(loo), n_z=int(sum(len(z) for z in loo)), horizon=T,
-            false_alarm_prob=_false_alarm_prob(arl0, T),
+            false_alarm_prob=_false_alarm_prob(arl0, scored),
             loo_false_alarms=k, loo_false_alarm_rate=k / len(loo),
             loo_false_alarm_ci=tuple(stats.wilson_interval(k, len(loo), confidence)),
             loo_alert_indices=alerts, lag1_r=float(lag1.r), lag1_pvalue=float(lag1.pvalue),
             censored_fraction=sim.censored_fraction(h),
-            resampled_false_alarm_prob=sim.alert_prob(h, T),
+            resampled_false_alarm_prob=sim.alert_prob(h, scored),
         )
     return Calibration(
         groups=tuple(by_group), every_n_steps=None if every_n_steps is None else int(every_n_steps),
         target_arl0=target_arl0, delta=delta, transform=transform,
         n_resamples=int(n_resamples), max_length=max_length, seed=int(seed),
         confidence=float(confidence), results=results, block_length=block_length,
+        reference_snapshot=reference_snapshot,
     )

@@ -58,12 +58,6 @@ def snapshot_seed(seed, step):
     return int(seed) * (2**32) + int(step)
 
 
-def _flag(text):
-    """A CSV alert cell as a bool: "1" as written here, "1.0" after a pandas round trip."""
-    text = text.strip()
-    return text not in ("", "nan") and float(text) != 0
-
-
 def _say(message):
     """Print as Keras prints (stdout when interactive logging is on, else the logger)."""
     if keras.config.is_interactive_logging_enabled():
@@ -145,8 +139,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
     CSV columns: step, epoch, group, trace, stderr, num_probes, probe_seed, wall_time,
     status ("ok"; "nonfinite": the estimate was NaN/inf, written as NaN and skipped by
     the detector; "nonpositive": a value <= 0 that a ``transform="log"`` detector
-    cannot take, kept in the CSV and skipped by the detector), then z, g_pos, g_neg,
-    alert when a detector is set (empty for groups without one).
+    cannot take, kept in the CSV and skipped by the detector; "unreferenced": a value
+    after a skipped reference snapshot, which a detector with a reference snapshot
+    cannot score), then z, g_pos, g_neg, alert when a detector is set (empty for groups
+    without one; z is NaN at the snapshots up to a detector's reference snapshot).
 
     Example:
         >>> cb = HessianTraceCallback((x[:256], y[:256]), every_n_steps=50,
@@ -342,15 +338,26 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     f"{self.csv_path!r} has rows of group {g!r} written without a detector "
                     "on it, so its detector cannot be restored: use another csv_path."
                 )
+            # Replay the recorded values: restores g+, g-, the first alert and a
+            # reference snapshot's value exactly (the CSV holds the floats' repr).
             det.reset()
-            det.n_updates = len(mine)
-            det.g_pos = float(mine[-1]["g_pos"])
-            det.g_neg = float(mine[-1]["g_neg"])
-            det.last_step = int(mine[-1]["step"])
-            for i, r in enumerate(mine):
-                if _flag(r["alert"]):
-                    det.alert_index, det.alert_step = i, int(r["step"])
-                    break
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # an overrun="hold" warning was given then
+                for r in mine:
+                    step = int(r["step"])
+                    if r["status"] == "ok":
+                        det.update(float(r["trace"]), step=step)
+                    else:
+                        det.skip(step, float(r["trace"]))
+            recorded = (float(mine[-1]["g_pos"]), float(mine[-1]["g_neg"]))
+            if not np.allclose((det.g_pos, det.g_neg), recorded, rtol=1e-9, atol=1e-12):
+                raise ValueError(
+                    f"{self.csv_path!r}: replaying group {g!r}'s recorded traces through "
+                    f"this detector gives g+, g- = {det.g_pos:.6g}, {det.g_neg:.6g} at step "
+                    f"{mine[-1]['step']}, the CSV says {recorded[0]:.6g}, {recorded[1]:.6g}: "
+                    "it was written with another detector (calibration). Use another "
+                    "csv_path, or the same detector."
+                )
 
     def _check_overrun(self, epoch):
         """Raise before the first step when the fit will outrun a detector's baseline."""
@@ -473,7 +480,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     extra = ["", "", "", ""]
                 else:
                     if status == "ok" and not det.usable(value):
-                        status = "nonpositive"
+                        status = "unreferenced" if det.reference_missing else "nonpositive"
                         bad.append(g)
                     r = det.update(value, step=step) if status == "ok" else det.skip(step, value)
                     extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
@@ -498,8 +505,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
             warnings.warn(
                 f"HessianTraceCallback: step {step} (epoch {self._epoch}): unusable trace "
                 f"for group(s) {bad} (loss {result.loss:.4g}); written with status "
-                "'nonfinite' (trace NaN) or 'nonpositive', and skipped by the detector "
-                "(snapshot index advanced, g+ and g- unchanged).",
+                "'nonfinite' (trace NaN), 'nonpositive' or 'unreferenced' (after a skipped "
+                "reference snapshot), and skipped by the detector (snapshot index "
+                "advanced, g+ and g- unchanged).",
                 RuntimeWarning,
                 stacklevel=2,
             )

@@ -13,6 +13,8 @@ Contents:
     PageHinkleyResult   what ``PageHinkley.update`` returns.
     page_hinkley_statistics, run_lengths
                         the same recursion vectorised over many trajectories.
+    relative_to_reference
+                        runs minus their own value at a reference snapshot.
 
 Transform. ``transform=None`` (the default) standardises the trace itself, exactly as
 METHOD.md writes it, and accepts any real value: the single-pass estimate of a small
@@ -23,6 +25,14 @@ noisy head traces separate by orders of magnitude), because a per-snapshot mean 
 standard deviation of a few right-skewed runs are dominated by the largest run. A
 non-positive value under ``"log"`` raises ``ValueError``. The transform belongs to the
 ``Baseline``; a ``PageHinkley`` with a baseline always uses the baseline's transform.
+
+Reference snapshot. ``reference=r`` (an integer >= 0, default None) scores each run
+relative to itself: the monitored value at snapshot t > r is T(x_t) - T(x_r), the run's
+change since its own snapshot r, and snapshots 0..r are not scored (z is NaN there and
+g+ and g- stay 0). It removes a run-level offset the per-snapshot baseline cannot absorb
+(an early dip of a noisy run, a run whose trace starts high; docs/memorisation.md). The
+reference belongs to the ``Baseline`` like the transform; its ``mean`` and ``std`` are
+NaN at the unscored snapshots.
 
 Runs longer than the baseline. ``overrun="error"`` (the default) raises ``ValueError``
 at the first snapshot past the baseline's last one: the calibrated threshold holds only
@@ -76,6 +86,45 @@ def apply_transform(values, transform, what="value"):
     return np.log(values)
 
 
+def check_reference(reference):
+    """Return ``reference`` as an int >= 0 or None; raise ``ValueError`` otherwise."""
+    if reference is None:
+        return None
+    if isinstance(reference, (bool, np.bool_)) or not isinstance(reference, (int, np.integer)) \
+            or reference < 0:
+        raise ValueError(
+            f"reference must be None or a snapshot index (an integer >= 0), got {reference!r}."
+        )
+    return int(reference)
+
+
+def relative_to_reference(runs, reference):
+    """Each run's values after snapshot ``reference`` minus its value at ``reference``.
+
+    Args:
+        runs: list of 1-D float arrays [T_i] (already transformed), snapshots 0..T_i-1.
+        reference: snapshot index r >= 0, or None (the runs are returned unchanged).
+
+    Returns:
+        list of float64 arrays [T_i - r - 1]: entry j is run[r + 1 + j] - run[r], the
+        value at snapshot r + 1 + j.
+
+    Raises:
+        ValueError: a run with fewer than r + 2 snapshots (nothing left to score).
+    """
+    if reference is None:
+        return list(runs)
+    out = []
+    for i, r in enumerate(runs):
+        if len(r) < reference + 2:
+            raise ValueError(
+                f"run {i} has {len(r)} snapshot(s); with reference={reference} a run needs "
+                f"at least {reference + 2} (the reference snapshot and one scored after it)."
+            )
+        out.append(r[reference + 1:] - r[reference])
+    return out
+
+
 def _as_trajectories(trajectories):
     """Runs as a list of 1-D float arrays; trailing NaN is padding and is removed.
 
@@ -118,14 +167,18 @@ class Baseline:
     """Per-snapshot mean and standard deviation of one group's clean trajectories.
 
     ``mean[t]`` and ``std[t]`` are mu0_t and sigma0_t of METHOD.md §3 (on the
-    transformed scale), from the ``n_runs[t]`` clean runs that reach snapshot t.
+    transformed scale), from the ``n_runs[t]`` clean runs that reach snapshot t. With a
+    ``reference`` r they describe T(x_t) - T(x_r) and are NaN at snapshots t <= r.
 
     Args:
         mean: array [T], mu0_t.
-        std: array [T], sigma0_t; every entry finite and > 0.
+        std: array [T], sigma0_t; every scored entry finite and > 0.
         n_runs: int array [T], runs behind each snapshot (informational).
         transform: None or ``"log"``; applied to values before standardising.
         group: name of the group the baseline belongs to (informational).
+        reference: None, or the snapshot r (0 <= r <= T - 2) each run is scored
+            relative to (see the module docstring); entries 0..r of ``mean`` and
+            ``std`` are ignored and set to NaN.
 
     Example:
         >>> clean = [run_a, run_b, run_c]              # 1-D head-trace trajectories
@@ -133,17 +186,27 @@ class Baseline:
         >>> z = base.standardize(new_run)              # doctest: +SKIP
     """
 
-    def __init__(self, mean, std, n_runs=None, transform=None, group=None):
-        mean = np.asarray(mean, dtype=np.float64)
-        std = np.asarray(std, dtype=np.float64)
+    def __init__(self, mean, std, n_runs=None, transform=None, group=None, reference=None):
+        mean = np.array(mean, dtype=np.float64)
+        std = np.array(std, dtype=np.float64)
         if mean.ndim != 1 or mean.shape != std.shape or mean.size == 0:
             raise ValueError(
                 f"mean and std must be 1-D of the same non-zero length, got shapes "
                 f"{mean.shape} and {std.shape}."
             )
-        if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
-            raise ValueError("Baseline mean and std must be finite.")
-        zero = np.flatnonzero(~(std > 0))
+        reference = check_reference(reference)
+        off = 0 if reference is None else reference + 1
+        if off >= mean.size:
+            raise ValueError(
+                f"reference={reference} leaves no scored snapshot in a baseline of "
+                f"{mean.size} snapshot(s); it must be at most {mean.size - 2}."
+            )
+        mean[:off] = np.nan
+        std[:off] = np.nan
+        if not (np.all(np.isfinite(mean[off:])) and np.all(np.isfinite(std[off:]))):
+            raise ValueError("Baseline mean and std must be finite"
+                             + (" after the reference snapshot." if off else "."))
+        zero = off + np.flatnonzero(~(std[off:] > 0))
         if zero.size:
             raise ValueError(
                 f"Baseline standard deviation is {float(std[zero[0]])!r} at snapshot(s) "
@@ -160,9 +223,15 @@ class Baseline:
         self.n_runs = n_runs
         self.transform = check_transform(transform)
         self.group = group
+        self.reference = reference
+
+    @property
+    def first_scored(self):
+        """The first snapshot index that is scored: 0, or reference + 1."""
+        return 0 if self.reference is None else self.reference + 1
 
     @classmethod
-    def from_runs(cls, trajectories, transform=None, group=None, ddof=1):
+    def from_runs(cls, trajectories, transform=None, group=None, ddof=1, reference=None):
         """Baseline from clean runs; each snapshot uses the runs that reach it.
 
         Args:
@@ -173,6 +242,9 @@ class Baseline:
             transform: None or ``"log"`` (see the module docstring).
             group: the group's name, kept for messages and serialisation.
             ddof: delta degrees of freedom of the standard deviation (1: sample SD).
+            reference: None, or the snapshot r each run is scored relative to: the
+                baseline then describes T(x_t) - T(x_r) for t > r (every run needs
+                at least r + 2 snapshots).
 
         Returns:
             ``Baseline`` of length max_i T_i.
@@ -180,19 +252,22 @@ class Baseline:
         Raises:
             ValueError: a snapshot reached by fewer than two runs (name and count
                 given), zero spread at a snapshot, non-finite or (with ``"log"``)
-                non-positive values.
+                non-positive values, a run too short for the reference.
         """
         check_transform(transform)
+        reference = check_reference(reference)
         runs = _as_trajectories(trajectories)
         runs = [apply_transform(r, transform, what=f"clean-run value") for r in runs]
-        lengths = np.array([len(r) for r in runs])
-        T = int(lengths.max()) if len(runs) else 0
         if len(runs) < 2:
             raise ValueError(
                 f"A baseline needs at least two clean runs, got {len(runs)}."
             )
+        off = 0 if reference is None else reference + 1
+        lengths = np.array([len(r) for r in runs])
+        scored = relative_to_reference(runs, reference)
+        T = int(lengths.max())
         n_at = (lengths[:, None] > np.arange(T)[None, :]).sum(axis=0)
-        short = np.flatnonzero(n_at < 2)
+        short = off + np.flatnonzero(n_at[off:] < 2)
         if short.size:
             raise ValueError(
                 f"Snapshot {int(short[0])} (and {short.size - 1} after it) is reached by "
@@ -200,12 +275,13 @@ class Baseline:
                 f"at every snapshot. Run lengths: {lengths.tolist()}. Truncate the "
                 "longest run(s) or add runs."
             )
-        padded = np.full((len(runs), T), np.nan)
-        for i, r in enumerate(runs):
+        padded = np.full((len(runs), T - off), np.nan)
+        for i, r in enumerate(scored):
             padded[i, : len(r)] = r
-        mean = np.nanmean(padded, axis=0)
-        std = np.nanstd(padded, axis=0, ddof=ddof)
-        return cls(mean, std, n_runs=n_at, transform=transform, group=group)
+        mean = np.concatenate([np.full(off, np.nan), np.nanmean(padded, axis=0)])
+        std = np.concatenate([np.full(off, np.nan), np.nanstd(padded, axis=0, ddof=ddof)])
+        return cls(mean, std, n_runs=n_at, transform=transform, group=group,
+                   reference=reference)
 
     def __len__(self):
         return len(self.mean)
@@ -233,16 +309,18 @@ class Baseline:
             "baseline."
         )
 
-    def standardize(self, values, start=0, overrun="error"):
+    def standardize(self, values, start=0, overrun="error", reference_value=None):
         """z for a trajectory whose first value is snapshot ``start``.
 
         Args:
             values: array [T'] of raw (untransformed) finite values.
             start: snapshot index of ``values[0]``.
             overrun: ``"error"`` or ``"hold"`` for snapshots past the baseline.
+            reference_value: with a ``reference`` r and ``start > r`` only: the run's
+                raw value at snapshot r (otherwise it is taken from ``values``).
 
         Returns:
-            float64 array [T'] of z.
+            float64 array [T'] of z; NaN at the unscored snapshots <= reference.
         """
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 1:
@@ -254,36 +332,63 @@ class Baseline:
         if values.size == 0:
             return x
         self.index(start + len(values) - 1, overrun)  # raises if it overruns
-        idx = np.minimum(np.arange(start, start + len(values)), len(self.mean) - 1)
-        return (x - self.mean[idx]) / self.std[idx]
+        snap = np.arange(start, start + len(values))
+        idx = np.minimum(snap, len(self.mean) - 1)
+        ref = self.reference
+        if ref is not None:
+            if start <= ref < start + len(values):
+                if reference_value is not None:
+                    raise ValueError(f"values include the reference snapshot {ref}; do not "
+                                     "also pass reference_value.")
+                x = x - x[ref - start]
+            elif reference_value is None:
+                raise ValueError(
+                    f"values start at snapshot {start}, after the reference snapshot {ref}: "
+                    f"pass reference_value= (the run's raw value at snapshot {ref})."
+                )
+            else:
+                x = x - float(apply_transform(float(reference_value), self.transform,
+                                              what="reference value"))
+        with np.errstate(invalid="ignore"):
+            return (x - self.mean[idx]) / self.std[idx]
 
     def to_dict(self):
-        """JSON-compatible dict; ``Baseline.from_dict`` inverts it."""
+        """JSON-compatible dict (NaN entries as None); ``Baseline.from_dict`` inverts it."""
+        def floats(a):
+            return [float(v) if np.isfinite(v) else None for v in a]
+
         return {
             "group": self.group,
             "transform": self.transform,
-            "mean": [float(v) for v in self.mean],
-            "std": [float(v) for v in self.std],
+            "reference": self.reference,
+            "mean": floats(self.mean),
+            "std": floats(self.std),
             "n_runs": [int(v) for v in self.n_runs],
         }
 
     @classmethod
     def from_dict(cls, d):
         """Inverse of ``to_dict``."""
-        return cls(d["mean"], d["std"], n_runs=d.get("n_runs"),
-                   transform=d.get("transform"), group=d.get("group"))
+        def floats(a):
+            return [np.nan if v is None else v for v in a]
+
+        return cls(floats(d["mean"]), floats(d["std"]), n_runs=d.get("n_runs"),
+                   transform=d.get("transform"), group=d.get("group"),
+                   reference=d.get("reference"))
 
     def __eq__(self, other):
         if not isinstance(other, Baseline):
             return NotImplemented
         return (self.group == other.group and self.transform == other.transform
-                and np.array_equal(self.mean, other.mean)
-                and np.array_equal(self.std, other.std)
+                and self.reference == other.reference
+                and np.array_equal(self.mean, other.mean, equal_nan=True)
+                and np.array_equal(self.std, other.std, equal_nan=True)
                 and np.array_equal(self.n_runs, other.n_runs))
 
     def __repr__(self):
+        ref = "" if self.reference is None else f", reference={self.reference}"
         return (f"Baseline(group={self.group!r}, n_snapshots={len(self)}, "
-                f"transform={self.transform!r}, runs={int(self.n_runs.min())}.."
+                f"transform={self.transform!r}{ref}, runs={int(self.n_runs.min())}.."
                 f"{int(self.n_runs.max())})")
 
 
@@ -294,7 +399,8 @@ class PageHinkleyResult(NamedTuple):
         index: 0-based snapshot index of this value (the number of earlier updates).
         step: the ``step`` passed to ``update`` (e.g. the optimiser step), or None.
         value: the raw value.
-        z: the standardised value fed to the recursion.
+        z: the standardised value fed to the recursion (NaN at a snapshot at or before
+            the reference snapshot: not scored).
         g_pos, g_neg: the two statistics after this update.
         statistic: max(g_pos, g_neg).
         alert: statistic > threshold at this update.
@@ -319,7 +425,9 @@ class PageHinkley:
     ``update`` (k = 0, 1, ...) is snapshot k and is standardised with the baseline's
     mean and std at index k. The recursion keeps running after an alert: ``alert`` is
     True while the statistic stays above the threshold, ``first_alert`` only once, and
-    ``alert_index``/``alert_step`` keep the first alert until ``reset``.
+    ``alert_index``/``alert_step`` keep the first alert until ``reset``. With a reference
+    snapshot r (the baseline's, or ``reference`` without a baseline), updates 0..r are
+    not scored (z NaN, g+ and g- stay 0) and update r stores the run's reference value.
 
     Args:
         delta: allowance delta >= 0 (0.5 is tuned to a shift of one standard deviation).
@@ -329,6 +437,9 @@ class PageHinkley:
             baseline's transform is used; a different one here raises ``ValueError``.
         overrun: ``"error"`` (default) raises at a snapshot past the baseline's last
             one; ``"hold"`` reuses the last snapshot's baseline and warns once.
+        reference: only without a baseline: None or a snapshot index r (z is then
+            T(x_t) - T(x_r)). With a baseline the baseline's reference is used; a
+            different one here raises ``ValueError``.
 
     Example:
         >>> ph = PageHinkley(delta=0.5, threshold=4.0)
@@ -337,7 +448,7 @@ class PageHinkley:
     """
 
     def __init__(self, delta=0.5, threshold=None, baseline=None, transform=None,
-                 overrun="error"):
+                 overrun="error", reference=None):
         delta = float(delta)
         if not (math.isfinite(delta) and delta >= 0):
             raise ValueError(f"delta must be finite and >= 0, got {delta!r}.")
@@ -357,12 +468,19 @@ class PageHinkley:
                 f"transform={transform!r} differs from the baseline's "
                 f"{baseline.transform!r}; the detector uses the baseline's transform."
             )
+        reference = check_reference(reference)
+        if baseline is not None and reference is not None and reference != baseline.reference:
+            raise ValueError(
+                f"reference={reference!r} differs from the baseline's "
+                f"{baseline.reference!r}; the detector uses the baseline's reference."
+            )
         if overrun not in OVERRUNS:
             raise ValueError(f"overrun must be one of {OVERRUNS}, got {overrun!r}.")
         self.delta = delta
         self.threshold = threshold
         self.baseline = baseline
         self.transform = baseline.transform if baseline is not None else transform
+        self.reference = baseline.reference if baseline is not None else reference
         self.overrun = overrun
         self.reset()
 
@@ -374,7 +492,15 @@ class PageHinkley:
         self.alert_index = None
         self.alert_step = None
         self.last_step = None
+        self.reference_value = None  # transformed value at the reference snapshot
         self._warned_hold = False
+
+    @property
+    def reference_missing(self):
+        """True once the reference snapshot has passed without a usable value (it was
+        skipped): no later snapshot of this run can be scored."""
+        return (self.reference is not None and self.n_updates > self.reference
+                and self.reference_value is None)
 
     @property
     def statistic(self):
@@ -387,7 +513,15 @@ class PageHinkley:
         return self.alert_index is not None
 
     def standardize(self, value, index=None):
-        """z for ``value`` at snapshot ``index`` (default: the next one); no state change."""
+        """z for ``value`` at snapshot ``index`` (default: the next one); no state change.
+
+        NaN at the unscored snapshots 0..reference.
+        """
+        index = self.n_updates if index is None else index
+        return self._z(self._transformed(value, index), index)
+
+    def _transformed(self, value, index):
+        """T(value), after checking it is a finite real number (and > 0 under log)."""
         if isinstance(value, (bool, np.bool_)):
             raise TypeError("value must be a real number, got a bool.")
         try:
@@ -396,12 +530,24 @@ class PageHinkley:
             raise TypeError(f"value must be a real number, got {value!r}.") from None
         if not math.isfinite(x):
             raise ValueError(
-                f"non-finite value {x!r} at snapshot {self.n_updates if index is None else index}: "
+                f"non-finite value {x!r} at snapshot {index}: "
                 "the trace estimate failed (overflow or NaN loss); the detector state "
                 "is unchanged."
             )
-        index = self.n_updates if index is None else index
-        y = float(apply_transform(x, self.transform))
+        return float(apply_transform(x, self.transform))
+
+    def _z(self, y, index):
+        """z of the transformed value ``y`` at snapshot ``index``."""
+        if self.reference is not None:
+            if index <= self.reference:
+                return float("nan")
+            if self.reference_value is None:
+                raise ValueError(
+                    f"snapshot {index} cannot be scored: the reference snapshot "
+                    f"{self.reference} had no usable value (it was skipped), and every "
+                    "snapshot is scored relative to it. The detector state is unchanged."
+                )
+            y = y - self.reference_value
         if self.baseline is None:
             return y
         k = self.baseline.index(index, self.overrun)
@@ -418,12 +564,14 @@ class PageHinkley:
             ``PageHinkleyResult``.
 
         Raises:
-            ValueError: a non-finite value, a non-positive value under ``"log"``, or a
-                snapshot past the baseline with ``overrun="error"``. The state is not
-                changed when it raises.
+            ValueError: a non-finite value, a non-positive value under ``"log"``, a
+                snapshot past the baseline with ``overrun="error"``, or a snapshot
+                after a skipped reference snapshot. The state is not changed when it
+                raises.
         """
         index = self.n_updates
-        z = self.standardize(value, index)
+        y = self._transformed(value, index)
+        z = self._z(y, index)
         if (self.baseline is not None and self.overrun == "hold"
                 and index >= len(self.baseline) and not self._warned_hold):
             warnings.warn(
@@ -432,8 +580,11 @@ class PageHinkley:
                 stacklevel=2,
             )
             self._warned_hold = True
-        self.g_pos = max(0.0, self.g_pos + z - self.delta)
-        self.g_neg = max(0.0, self.g_neg - z - self.delta)
+        if index == self.reference:
+            self.reference_value = y
+        if not math.isnan(z):  # NaN: an unscored snapshot before or at the reference
+            self.g_pos = max(0.0, self.g_pos + z - self.delta)
+            self.g_neg = max(0.0, self.g_neg - z - self.delta)
         self.n_updates = index + 1
         self.last_step = step
         stat = self.statistic
@@ -451,7 +602,9 @@ class PageHinkley:
         The snapshot index advances, so the next value is standardised with the baseline
         of the snapshot it really belongs to, but g+ and g- are left unchanged: a missing
         value neither raises nor lowers the evidence. No baseline lookup is made, so
-        skipping past the baseline's end does not raise.
+        skipping past the baseline's end does not raise. Skipping the reference snapshot
+        leaves the run without a reference: ``reference_missing`` becomes True and
+        every later value is unusable.
 
         Args:
             step: a label kept with the result (e.g. optimiser step).
@@ -469,12 +622,14 @@ class PageHinkley:
                                  self.g_neg, stat, bool(stat > self.threshold), False)
 
     def usable(self, value):
-        """True when ``update(value)`` can take ``value`` (finite, and > 0 under ``"log"``)."""
+        """True when ``update(value)`` can take ``value``: finite, > 0 under ``"log"``, and
+        not after a skipped reference snapshot (``reference_missing``)."""
         try:
             x = float(value)
         except (TypeError, ValueError):
             return False
-        return math.isfinite(x) and (self.transform is None or x > 0)
+        return (math.isfinite(x) and (self.transform is None or x > 0)
+                and not self.reference_missing)
 
     def get_state(self):
         """JSON-compatible dict of configuration and state; see ``from_state``."""
@@ -483,6 +638,8 @@ class PageHinkley:
             "threshold": self.threshold,
             "transform": self.transform,
             "overrun": self.overrun,
+            "reference": self.reference,
+            "reference_value": self.reference_value,
             "baseline": None if self.baseline is None else self.baseline.to_dict(),
             "n_updates": self.n_updates,
             "g_pos": self.g_pos,
@@ -500,13 +657,15 @@ class PageHinkley:
         baseline = None if baseline is None else Baseline.from_dict(baseline)
         ph = cls(delta=state["delta"], threshold=state["threshold"], baseline=baseline,
                  transform=state.get("transform") if baseline is None else None,
-                 overrun=state.get("overrun", "error"))
+                 overrun=state.get("overrun", "error"),
+                 reference=state.get("reference") if baseline is None else None)
         ph.n_updates = int(state["n_updates"])
         ph.g_pos = float(state["g_pos"])
         ph.g_neg = float(state["g_neg"])
         ph.alert_index = state.get("alert_index")
         ph.alert_step = state.get("alert_step")
         ph.last_step = state.get("last_step")
+        ph.reference_value = state.get("reference_value")
         ph._warned_hold = bool(state.get("warned_hold", False))
         return ph
 
