@@ -308,3 +308,62 @@ def test_calibration_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         calibrate_threshold(**args)
+
+
+def test_reference_snapshot_calibrates_the_runs_relative_to_themselves(tmp_path):
+    # Runs with a persistent run-level offset (log scale) plus AR(1) noise.
+    rng = np.random.default_rng(21)
+    T, r = 40, 3
+    offset = rng.normal(0.0, 1.0, size=(12, 1))
+    noise = np.zeros((12, T))
+    for t in range(1, T):
+        noise[:, t] = 0.4 * noise[:, t - 1] + rng.normal(0.0, 0.2, size=12)
+    clean = np.exp(np.linspace(2.0, 0.5, T) + offset + noise)
+    kw = dict(target_arl0=150, n_resamples=800, group="total", seed=3)
+    cal = calibrate_threshold(clean, transform="log", reference_snapshot=r, **kw)
+    # The same calibration as on the referenced values themselves (identical z, resamples).
+    manual = calibrate_threshold(np.log(clean[:, r + 1:]) - np.log(clean[:, r:r + 1]), **kw)
+    res, ref = cal["total"], manual["total"]
+    assert res.threshold == ref.threshold and res.arl0 == ref.arl0 and res.n_z == ref.n_z
+    assert res.lag1_r == ref.lag1_r
+    # LOO alert snapshots counted from snapshot 0 of the run.
+    assert res.loo_alert_indices == [None if a is None else a + r + 1
+                                     for a in ref.loo_alert_indices]
+    # Probabilities per run count the T - r - 1 scored snapshots.
+    assert res.horizon == T and ref.horizon == T - r - 1
+    assert res.false_alarm_prob == ref.false_alarm_prob
+    assert res.resampled_false_alarm_prob == ref.resampled_false_alarm_prob
+    assert res.expected_false_alarm_prob(T + 10) == ref.expected_false_alarm_prob(T - r - 1 + 10)
+    np.testing.assert_array_equal(res.baseline.mean[r + 1:], ref.baseline.mean)
+    # The offset is what the per-snapshot baseline cannot absorb: it makes each run's z
+    # persistent (lag-1 r near 1: offset variance 1 vs noise variance 0.05). Referenced,
+    # the noise n_t - n_r is left: lag-1 r (1 + rho) / 2 = 0.7 in theory.
+    loo_ref = loo_standardize(clean, transform="log", reference=r)
+    assert len(loo_ref[0]) == T - r - 1
+    absolute = calibrate_threshold(clean, transform="log", **kw)["total"]
+    assert absolute.lag1_r > 0.9 and res.lag1_r < absolute.lag1_r - 0.2
+    # The detector carries the reference; the file keeps it (format version 3).
+    ph = cal.detector()
+    assert ph.reference == r
+    path = tmp_path / "cal.json"
+    cal.save(path)
+    raw = json.loads(path.read_text())
+    assert raw["version"] == 3 and raw["reference_snapshot"] == r
+    back = Calibration.load(path)
+    assert back.reference_snapshot == r and back["total"].baseline == res.baseline
+    run = clean[0] * np.exp(np.linspace(0.0, 1.5, T))
+    a, b = cal.detector(), back.detector()
+    np.testing.assert_array_equal([tuple(a.update(v))[3:] for v in run],
+                                  [tuple(b.update(v))[3:] for v in run])  # NaN z equal too
+    assert a.alert_index == b.alert_index is not None
+    assert "reference_snapshot=3" in repr(cal)
+    # Version 2 files load without a reference.
+    v2 = json.loads(json.dumps(manual.to_dict()))
+    v2["version"] = 2
+    del v2["reference_snapshot"]
+    for g in v2["results"].values():
+        del g["baseline"]["reference"]
+    old = Calibration.from_dict(v2)
+    assert old.reference_snapshot is None and old.detector().reference is None
+    with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+        calibrate_threshold(clean, transform="log", reference_snapshot=-1, **kw)

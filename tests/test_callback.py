@@ -292,6 +292,27 @@ def test_non_finite_trace_is_written_as_nan_and_skipped_by_the_detector(tmp_path
     assert sorted(scalars["hessian_trace_detector/head"]) == [0, 2, 4]
 
 
+def test_a_nonfinite_reference_snapshot_marks_later_snapshots_unreferenced(tmp_path):
+    from keras_hesstrace.monitor import Baseline
+
+    model = small_model()
+    x, y = data()
+    bad = x[:16].copy()
+    bad[0, 0] = np.nan  # the reference snapshot's batch gives a NaN loss
+    snaps = tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
+    ).batch(16)
+    base = Baseline(np.zeros(4), np.ones(4), reference=1)
+    ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
+    cb = HessianTraceCallback(snaps, every_n_steps=2, num_probes=2, layers=["head"],
+                              detector=ph, csv_path=tmp_path / "r.csv", seed=1, verbose=0)
+    with pytest.warns(RuntimeWarning, match=r"step 4 .*unusable trace.*'unreferenced'"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0, 2, 4
+    head = pd.read_csv(tmp_path / "r.csv").query("group == 'head'").reset_index(drop=True)
+    assert list(head.status) == ["ok", "nonfinite", "unreferenced"]
+    assert np.isfinite(head.trace[2]) and head.z.isna().all() and ph.reference_missing
+
+
 # -------------------------------------------------------------------- mixed precision
 
 
@@ -388,3 +409,45 @@ def test_a_group_named_total_is_refused():
     x, y = data()
     with pytest.raises(ValueError, match="named 'total'"):
         model.fit(x, y, epochs=1, verbose=0, callbacks=[HessianTraceCallback((x, y), verbose=0)])
+
+
+def test_resume_restores_a_reference_snapshot_and_refuses_another_detector(tmp_path):
+    from keras_hesstrace.monitor import Baseline
+
+    x, y = data()
+    fit = dict(batch_size=16, verbose=0, shuffle=False)  # 4 steps an epoch, snapshots every 3
+
+    def detectors(shift=0.0):
+        # Snapshot 1 (step 3) is the reference; z from snapshot 2 on.
+        base = Baseline(np.arange(8) * 0.1 + shift, np.full(8, 0.05), transform="log",
+                        reference=1)
+        return {"total": PageHinkley(delta=0.5, threshold=1e9, baseline=base)}
+
+    def callback(path, dets):
+        return HessianTraceCallback((x[:32], y[:32]), every_n_steps=3, num_probes=3,
+                                    csv_path=path, detector=dets, seed=7, verbose=0)
+
+    model = small_model()
+    model.fit(x, y, epochs=4, callbacks=[callback(tmp_path / "full.csv", detectors())], **fit)
+    full = pd.read_csv(tmp_path / "full.csv")
+    total = full[full.group == "total"].reset_index(drop=True)
+    assert total.z[:2].isna().all() and total.z[2:].notna().all()
+    assert (total.g_pos[:2] == 0).all() and (total.g_neg[:2] == 0).all()
+    expected_z = ((np.log(total.trace[2:]) - np.log(total.trace[1]) - np.arange(2, 6) * 0.1)
+                  / 0.05)
+    np.testing.assert_allclose(total.z[2:], expected_z, rtol=1e-6)
+
+    path = tmp_path / "resumed.csv"
+    model = small_model()
+    model.fit(x, y, epochs=2, callbacks=[callback(path, detectors())], **fit)  # steps 0, 3, 6
+    model.save(tmp_path / "ckpt.keras")
+    restored = keras.models.load_model(tmp_path / "ckpt.keras")
+    with pytest.raises(ValueError, match="written with another detector"):
+        restored.fit(x, y, epochs=3, initial_epoch=2,
+                     callbacks=[callback(path, detectors(shift=1.0))], **fit)
+    restored = keras.models.load_model(tmp_path / "ckpt.keras")
+    cb = callback(path, detectors())
+    restored.fit(x, y, epochs=4, initial_epoch=2, callbacks=[cb], **fit)
+    assert cb.detectors["total"].reference_value == pytest.approx(np.log(total.trace[1]))
+    cols = ["step", "group", "trace", "status", "z", "g_pos", "g_neg", "alert"]
+    pd.testing.assert_frame_equal(pd.read_csv(path)[cols], full[cols], rtol=1e-6)

@@ -244,3 +244,94 @@ def test_skip_advances_the_snapshot_index_and_leaves_g_unchanged():
     assert log_ph.usable(0.1) and not log_ph.usable(0.0) and not log_ph.usable(-1.0)
     state = json.loads(json.dumps(ph.get_state()))
     assert PageHinkley.from_state(state).get_state() == ph.get_state()
+
+
+# ------------------------------------------------------------- reference snapshot
+
+
+def test_reference_baseline_is_the_baseline_of_the_runs_minus_their_own_value():
+    rng = np.random.default_rng(11)
+    runs = [rng.lognormal(size=9) for _ in range(4)] + [rng.lognormal(size=7)]
+    base = Baseline.from_runs(runs, transform="log", reference=2, group="total")
+    # By hand: log, minus the run's own log value at snapshot 2, snapshots 3.. only.
+    manual = Baseline.from_runs([np.log(r[3:]) - np.log(r[2]) for r in runs])
+    assert base.reference == 2 and base.first_scored == 3 and len(base) == 9
+    assert np.all(np.isnan(base.mean[:3])) and np.all(np.isnan(base.std[:3]))
+    np.testing.assert_allclose(base.mean[3:], manual.mean, rtol=1e-14)
+    np.testing.assert_allclose(base.std[3:], manual.std, rtol=1e-14)
+    assert base.n_runs.tolist() == [5] * 7 + [4, 4]
+    # Standardising a whole run, or its tail with the reference value passed.
+    new = rng.lognormal(size=9)
+    z = base.standardize(new)
+    expected = (np.log(new[3:]) - np.log(new[2]) - manual.mean) / manual.std
+    assert np.all(np.isnan(z[:3]))
+    np.testing.assert_allclose(z[3:], expected, rtol=1e-12)
+    np.testing.assert_allclose(base.standardize(new[5:], start=5, reference_value=new[2]),
+                               expected[2:], rtol=1e-12)
+    with pytest.raises(ValueError, match="pass reference_value"):
+        base.standardize(new[5:], start=5)
+    # JSON round trip (NaN entries written as null: the file stays strict JSON).
+    text = json.dumps(base.to_dict(), allow_nan=False)
+    assert Baseline.from_dict(json.loads(text)) == base
+    assert Baseline.from_runs(runs, transform="log", reference=1) != base
+    assert "reference=2" in repr(base)
+
+
+def test_reference_errors():
+    runs = [[1.0, 2.0, 3.0], [1.5, 2.5, 4.0], [2.0, 2.2, 3.3]]
+    with pytest.raises(ValueError, match=r"run 0 has 3 snapshot\(s\); with reference=2"):
+        Baseline.from_runs(runs, reference=2)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+            Baseline.from_runs(runs, reference=bad)
+    with pytest.raises(ValueError, match="leaves no scored snapshot"):
+        Baseline([0.0, 1.0], [1.0, 1.0], reference=1)
+    base = Baseline.from_runs(runs, reference=0)
+    with pytest.raises(ValueError, match="differs from the baseline's 0"):
+        PageHinkley(threshold=1.0, baseline=base, reference=1)
+    assert PageHinkley(threshold=1.0, baseline=base, reference=0).reference == 0
+
+
+def test_detector_with_a_reference_scores_each_run_against_itself():
+    rng = np.random.default_rng(5)
+    clean = rng.lognormal(mean=np.linspace(3, 1, 30), sigma=0.3, size=(8, 30))
+    base = Baseline.from_runs(clean, transform="log", reference=4)
+    run = rng.lognormal(mean=np.linspace(3, 2, 30), sigma=0.3)
+    ph = PageHinkley(delta=0.5, threshold=4.0, baseline=base)
+    res = [ph.update(v, step=10 * i) for i, v in enumerate(run)]
+    # Snapshots 0..4 are not scored: z NaN, g+ = g- = 0, no alert.
+    assert all(math.isnan(r.z) and r.g_pos == r.g_neg == 0.0 and not r.alert for r in res[:5])
+    assert ph.reference_value == pytest.approx(math.log(run[4]))
+    z = (np.log(run[5:]) - np.log(run[4]) - base.mean[5:]) / base.std[5:]
+    np.testing.assert_allclose([r.z for r in res[5:]], z, rtol=1e-12)
+    gps, gns, first = reference(z.tolist(), 0.5, 4.0)
+    np.testing.assert_allclose([r.g_pos for r in res[5:]], gps, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose([r.g_neg for r in res[5:]], gns, rtol=1e-12, atol=1e-12)
+    assert first is not None and ph.alert_index == 4 + first
+    assert [r.index for r in res] == list(range(30))
+    # Mid-run state through JSON keeps the reference value.
+    half = PageHinkley(delta=0.5, threshold=4.0, baseline=base)
+    got = [half.update(v, step=10 * i) for i, v in enumerate(run[:12])]
+    resumed = PageHinkley.from_state(json.loads(json.dumps(half.get_state())))
+    got += [resumed.update(v, step=10 * (i + 12)) for i, v in enumerate(run[12:])]
+    assert [(r.z, r.g_pos, r.g_neg) for r in got[5:]] == [(r.z, r.g_pos, r.g_neg) for r in res[5:]]
+    # Without a baseline: z is the change since the reference snapshot itself.
+    bare = PageHinkley(threshold=100.0, transform="log", reference=1)
+    assert math.isnan(bare.update(2.0).z) and math.isnan(bare.update(4.0).z)
+    assert bare.update(8.0 * math.e).z == pytest.approx(math.log(2.0 * math.e))
+
+
+def test_a_skipped_reference_snapshot_leaves_nothing_to_score():
+    base = Baseline.from_runs([[1.0, 2.0, 3.0, 4.0], [1.5, 2.5, 2.0, 5.0], [2.0, 1.0, 3.3, 1.0]],
+                              reference=1)
+    ph = PageHinkley(threshold=3.0, baseline=base)
+    ph.update(1.0)
+    assert ph.usable(5.0) and not ph.reference_missing
+    ph.skip(step=1)                                   # the reference snapshot is unusable
+    assert ph.reference_missing and not ph.usable(5.0)
+    before = ph.get_state()
+    with pytest.raises(ValueError, match="reference snapshot 1 had no usable value"):
+        ph.update(5.0)
+    assert ph.get_state() == before                  # unchanged when it raises
+    ph.reset()
+    assert not ph.reference_missing and ph.reference_value is None

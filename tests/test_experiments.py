@@ -208,3 +208,41 @@ def test_cli_experiment_flags(tmp_path, capsys):
     assert shown["transform"] is None and shown["calibration_runs"] == 3
     assert cli.main(["experiment", "--preset", "paper", "--plan"]) == 0
     assert json.loads(capsys.readouterr().out)["runs"] == 300
+
+
+def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, tmp_path):
+    import dataclasses
+    import shutil
+
+    from keras_hesstrace.monitor import calibrate_threshold
+
+    config, out, _ = finished
+    copy = tmp_path / "ref"
+    shutil.copytree(out, copy)  # the same runs, re-scored: no retraining
+    ref = dataclasses.replace(config, monitor=["total", "head"], reference_snapshot=1).validate()
+    cal = mem.calibrate_cell(ref, copy, "small_cnn", "digits")
+    assert cal.reference_snapshot == 1 and cal["total"].baseline.first_scored == 2
+    phase1, _ = mem.run_specs(ref, "small_cnn", "digits")
+    raw = np.array([mem.rule_values(ref, mem.read_trajectory(
+        copy / "small_cnn-digits" / "runs" / s.run_id / "traces.csv", "total")[1]) for s in phase1])
+    manual = calibrate_threshold(np.log(raw[:, 2:]) - np.log(raw[:, 1:2]), ref.target_arl0,
+                                 ref.delta, n_resamples=ref.n_resamples, seed=0)
+    assert cal["total"].threshold == manual.threshold
+    records = mem.detections(ref, copy, "small_cnn", "digits", cal)
+    assert len(records) == 2 * 5
+    for rec in records:
+        v = rec["_values"]
+        np.testing.assert_allclose(rec["_scale"][2:], np.log(v[2:]) - np.log(v[1]), rtol=1e-12)
+        assert np.isnan(rec["_scale"][:2]).all()
+        if rec["role"] != "calibration":
+            assert (rec["_statistic"][:2] == 0).all()   # snapshots 0, 1 are not scored
+        assert rec["alert_snapshot"] is None or rec["alert_snapshot"] >= 2
+    mem.summarize(ref, copy, progress=False)
+    md = (copy / "summary.md").read_text()
+    assert "log trace minus the run's own value at snapshot 1" in md
+    assert (copy / "plots" / "small_cnn-digits-total-trajectories.png").stat().st_size > 10_000
+    assert preset("tiny", reference_snapshot=3).reference_snapshot == 3  # 5 snapshots a run
+    with pytest.raises(ValueError, match="leaves nothing to score"):
+        preset("tiny", reference_snapshot=4)
+    with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+        preset("tiny", reference_snapshot=-1)
