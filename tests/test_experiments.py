@@ -246,3 +246,26 @@ def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, t
         preset("tiny", reference_snapshot=4)
     with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
         preset("tiny", reference_snapshot=-1)
+
+
+def test_rescore_example_reproduces_the_runners_detections(finished):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "examples" / "rescore_experiment.py"
+    spec = importlib.util.spec_from_file_location("rescore_experiment", path)
+    rescore = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rescore)
+    config, out, _ = finished
+    lines = rescore.rescore(str(out))
+    cal = Calibration.load(out / "small_cnn-digits" / "calibration.json")
+    det = pd.read_csv(out / "detections.csv")
+    as_run = next(line for line in lines if "as run" in line)
+    held = det[det.role == "clean"]
+    noisy = det[det.role == "noisy"]
+    assert f"h = {cal.threshold:6.2f}" in as_run
+    assert f"LOO false alarms {cal['head'].loo_false_alarms}/3" in as_run
+    assert f"held-out false alarms {int(held.alert.sum())}/1" in as_run
+    assert f"η 0.6: {int(noisy.alert.sum())}/1" in as_run
+    assert any("swapped" in line for line in lines) is False  # one held-out run: no swap
+    assert any("all clean" in line and "/4" in line for line in lines)
