@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.hvp import hessian_operator, to_tensors
 from keras_hesstrace.spectrum import block_indices, top_eigenvalues, _rng
 from keras_hesstrace.trace import is_dataset, iterate_batches
@@ -107,9 +108,7 @@ def filter_normalized_direction(variables, seed=None, ignore_1d=True):
 
 def _grid(grid, span):
     if np.ndim(grid) == 0:
-        num = int(grid)
-        if num < 1:
-            raise ValueError(f"grid must be >= 1 points, got {grid}.")
+        num = check_integer("grid (points per axis)", grid)
         coords = np.linspace(-float(span), float(span), num) if num > 1 else np.zeros(1)
         coords[np.abs(coords) < 1e-12 * max(float(span), 1e-300)] = 0.0  # the origin exactly
         return coords

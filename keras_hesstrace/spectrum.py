@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.trace import is_dataset
@@ -123,11 +124,8 @@ def power_iteration(matvec, n, k=1, max_iter=100, tol=1e-3, seed=None, dtype=np.
         differs from A's residual by about the earlier pairs' own errors),
         ``converged`` [k] bool, ``num_matvecs`` int.
     """
-    k, max_iter = int(k), int(max_iter)
-    if not 1 <= k <= n:
-        raise ValueError(f"k must be between 1 and the dimension {n}, got {k}.")
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
+    k = check_integer("k (eigenpairs, at most the dimension)", k, 1, n)
+    max_iter = check_integer("max_iter", max_iter)
     rng, _ = _rng(seed)
     vectors = np.zeros((0, n), dtype=dtype)
     values, residuals, converged = [], [], []
@@ -362,9 +360,7 @@ def hutchinson_trace(matvec, n, max_iter=100, tol=1e-3, min_probes=10, probe="ra
     Returns:
         dict with ``trace``, ``stderr``, ``samples`` [M], ``num_matvecs``, ``converged``.
     """
-    max_iter = int(max_iter)
-    if max_iter < 1:
-        raise ValueError(f"max_iter must be >= 1, got {max_iter}.")
+    max_iter = check_integer("max_iter", max_iter)
     rng, _ = _rng(seed)
     min_probes = max(2, min(int(min_probes), max_iter))
     samples, converged = [], False
@@ -444,9 +440,7 @@ def hutchinson_diagonal(matvec, n, num_probes=100, probe="rademacher", seed=None
     Returns:
         (mean [n], stderr [n]) float64; stderr is NaN for one probe.
     """
-    num_probes = int(num_probes)
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+    num_probes = check_integer("num_probes", num_probes)
     rng, _ = _rng(seed)
     total = np.zeros(n)
     total_sq = np.zeros(n)
@@ -875,11 +869,8 @@ def spectral_density(
     Returns:
         :class:`SpectralDensity`.
     """
-    num_runs, lanczos_steps = int(num_runs), int(lanczos_steps)
-    if num_runs < 1:
-        raise ValueError(f"num_runs must be >= 1, got {num_runs}.")
-    if lanczos_steps < 1:
-        raise ValueError(f"lanczos_steps must be >= 1, got {lanczos_steps}.")
+    num_runs = check_integer("num_runs", num_runs)
+    lanczos_steps = check_integer("lanczos_steps", lanczos_steps)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose)
     rng, seed = _rng(seed)
     notes = []

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import stats as _sps
 
+from keras_hesstrace._validate import check_integer
+
 
 class EffectSize(NamedTuple):
     """Cohen's d with a bootstrap percentile interval.
@@ -116,11 +118,8 @@ def wilson_interval(k, n, confidence=0.95):
         >>> [round(v, 4) for v in wilson_interval(81, 263)]
         [0.2553, 0.3662]
     """
-    if isinstance(k, bool) or isinstance(n, bool) or int(k) != k or int(n) != n:
-        raise ValueError(f"k and n must be integers, got k={k!r}, n={n!r}.")
-    k, n = int(k), int(n)
-    if n < 1 or not 0 <= k <= n:
-        raise ValueError(f"need n >= 1 and 0 <= k <= n, got k={k}, n={n}.")
+    n = check_integer("n (trials)", n)
+    k = check_integer("k (successes, at most n)", k, 0, n)
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must be in (0, 1), got {confidence}.")
     z = float(_sps.norm.ppf(0.5 + confidence / 2))

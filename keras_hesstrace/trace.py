@@ -13,6 +13,7 @@ import pandas as pd
 import tensorflow as tf
 import keras
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to_tensors
 from keras_hesstrace.probes import check_probe, probe_seed
@@ -129,8 +130,7 @@ def iterate_batches(data, num_batches=None):
         num_batches: the number of batches to take (``None``: all; required for an
             infinite dataset).
     """
-    if num_batches is not None and int(num_batches) < 1:
-        raise ValueError(f"num_batches must be >= 1, got {num_batches}.")
+    num_batches = check_integer("num_batches", num_batches, none="all")
     if isinstance(data, tf.data.Dataset):
         if num_batches is None and data.cardinality() == tf.data.INFINITE_CARDINALITY:
             raise ValueError("The dataset is infinite: pass num_batches.")
@@ -247,9 +247,7 @@ def layer_traces(
         >>> result = layer_traces(model, x, y, num_probes=10, seed=0)   # doctest: +SKIP
         >>> result.to_frame()[["trace", "stderr"]]
     """
-    num_probes = int(num_probes)
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}.")
+    num_probes = check_integer("num_probes", num_probes)
     check_probe(probe)
     mapping = layer_groups(model, by=groups)
     names, indices = group_indices(model, mapping)
@@ -257,12 +255,9 @@ def layer_traces(
     op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**62))
-    per_call = int(probes_per_call)
-    if per_call < 1:
-        raise ValueError(f"probes_per_call must be >= 1, got {probes_per_call}.")
+    per_call = check_integer("probes_per_call", probes_per_call)
+    max_batch_size = check_integer("max_batch_size", max_batch_size, none="no chunking")
     if max_batch_size is not None:
-        if isinstance(max_batch_size, bool) or int(max_batch_size) != max_batch_size or max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be None or an integer >= 1, got {max_batch_size!r}.")
         check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
     chunks = [
         (start, tf.stack([probe_seed(seed, m) for m in range(start, min(start + per_call, num_probes))]))

@@ -365,5 +365,5 @@ def test_reference_snapshot_calibrates_the_runs_relative_to_themselves(tmp_path)
         del g["baseline"]["reference"]
     old = Calibration.from_dict(v2)
     assert old.reference_snapshot is None and old.detector().reference is None
-    with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+    with pytest.raises(ValueError, match=r"reference_snapshot must be None \(no reference\) or an integer >= 0"):
         calibrate_threshold(clean, transform="log", reference_snapshot=-1, **kw)

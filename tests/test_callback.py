@@ -254,16 +254,21 @@ def test_resume_in_a_new_process_matches_an_uninterrupted_run(tmp_path):
 # ----------------------------------------------------------------- unusable snapshots
 
 
+def snapshots_with_a_nan_second_batch(x, y):
+    """Three snapshot batches of 16; the second has a NaN input, so its loss is NaN."""
+    bad = x[:16].copy()
+    bad[0, 0] = np.nan
+    return tf.data.Dataset.from_tensor_slices(
+        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
+    ).batch(16)
+
+
 def test_non_finite_trace_is_written_as_nan_and_skipped_by_the_detector(tmp_path):
     from keras_hesstrace.monitor import Baseline
 
     model = small_model()
     x, y = data()
-    bad = x[:16].copy()
-    bad[0, 0] = np.nan  # the second snapshot's batch gives a NaN loss
-    snaps = tf.data.Dataset.from_tensor_slices(
-        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
-    ).batch(16)
+    snaps = snapshots_with_a_nan_second_batch(x, y)
     base = Baseline([0.0, 100.0, 0.5, 1.0], [1.0, 1.0, 2.0, 3.0])
     ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
     cb = Recording(snaps, every_n_steps=2, num_probes=2, layers=["head"], detector=ph,
@@ -297,11 +302,7 @@ def test_a_nonfinite_reference_snapshot_marks_later_snapshots_unreferenced(tmp_p
 
     model = small_model()
     x, y = data()
-    bad = x[:16].copy()
-    bad[0, 0] = np.nan  # the reference snapshot's batch gives a NaN loss
-    snaps = tf.data.Dataset.from_tensor_slices(
-        (np.concatenate([x[:16], bad, x[16:32]]), np.concatenate([y[:16]] * 2 + [y[16:32]]))
-    ).batch(16)
+    snaps = snapshots_with_a_nan_second_batch(x, y)  # the reference snapshot's loss is NaN
     base = Baseline(np.zeros(4), np.ones(4), reference=1)
     ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
     cb = HessianTraceCallback(snaps, every_n_steps=2, num_probes=2, layers=["head"],

@@ -282,7 +282,7 @@ def test_reference_errors():
     with pytest.raises(ValueError, match=r"run 0 has 3 snapshot\(s\); with reference=2"):
         Baseline.from_runs(runs, reference=2)
     for bad in (-1, 1.5, True, "2"):
-        with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+        with pytest.raises(ValueError, match=r"reference must be None \(no reference\) or an integer >= 0"):
             Baseline.from_runs(runs, reference=bad)
     with pytest.raises(ValueError, match="leaves no scored snapshot"):
         Baseline([0.0, 1.0], [1.0, 1.0], reference=1)

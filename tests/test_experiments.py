@@ -244,7 +244,7 @@ def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, t
     assert preset("tiny", reference_snapshot=3).reference_snapshot == 3  # 5 snapshots a run
     with pytest.raises(ValueError, match="leaves nothing to score"):
         preset("tiny", reference_snapshot=4)
-    with pytest.raises(ValueError, match="reference must be None or a snapshot index"):
+    with pytest.raises(ValueError, match=r"reference_snapshot must be None \(no reference\) or an integer >= 0"):
         preset("tiny", reference_snapshot=-1)
 
 

@@ -166,7 +166,7 @@ def test_bad_input_is_named():
     x, y = mt.data()
     with pytest.raises(ValueError, match="same batch size: x has \\[12\\] examples, y has \\[11\\]"):
         kh.layer_traces(model, x, y[:-1], loss=xent64())
-    with pytest.raises(ValueError, match="num_probes must be >= 1"):
+    with pytest.raises(ValueError, match="num_probes must be an integer >= 1"):
         kh.layer_traces(model, x, y, num_probes=0, loss=xent64())
     with pytest.raises(ValueError, match="probe must be one of"):
         kh.layer_traces(model, x, y, probe="uniform", loss=xent64())
@@ -206,7 +206,7 @@ def test_several_probes_per_call_give_the_same_samples(mode):
     three = kh.layer_traces(model, x, y, num_probes=5, seed=4, loss=xent64(), mode=mode, probes_per_call=3)
     np.testing.assert_allclose(three.samples, one.samples, rtol=1e-12)
     np.testing.assert_allclose(three.total_samples, one.total_samples, rtol=1e-12)
-    with pytest.raises(ValueError, match="probes_per_call must be >= 1"):
+    with pytest.raises(ValueError, match="probes_per_call must be an integer >= 1"):
         kh.layer_traces(model, x, y, loss=xent64(), probes_per_call=0)
 
 
@@ -236,7 +236,7 @@ def test_max_batch_size_bad_values_and_a_summed_loss_are_refused():
     model = mt.mlp()
     x, y = mt.data()
     for bad in (0, -3, 2.5, True):
-        with pytest.raises(ValueError, match="max_batch_size must be None or an integer"):
+        with pytest.raises(ValueError, match=r"max_batch_size must be None \(no chunking\) or an integer >= 1"):
             kh.layer_traces(model, x, y, loss=xent64(), max_batch_size=bad)
     summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64", reduction="sum")
     with pytest.raises(ValueError, match="mean over examples.*reduction='sum'"):

@@ -14,6 +14,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.data.noise import symmetric_label_noise
 
 # Per-channel mean and standard deviation of the training images in [0, 1] (the figures
@@ -95,17 +96,14 @@ class LoadedData:
         Raises:
             ValueError: ``size`` outside [1, N].
         """
-        if isinstance(size, bool) or int(size) != size or not (1 <= size <= self.num_examples):
-            raise ValueError(f"size must be an int in [1, {self.num_examples}], got {size!r}.")
+        size = check_integer("size", size, 1, self.num_examples)
         index = np.random.default_rng(seed).choice(self.num_examples, size=int(size), replace=False)
         index = index.astype(np.int64)
         return self.normalize(self.images[index]), self.labels[index], index
 
 
 def _check_batch_size(batch_size):
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    return int(batch_size)
+    return check_integer("batch_size", batch_size)
 
 
 def _is_test_split(split):

@@ -2,6 +2,8 @@
 
 import numpy as np
 
+from keras_hesstrace._validate import check_integer
+
 
 def symmetric_label_noise(labels, rate, num_classes, seed):
     """Corrupt labels symmetrically, once, deterministically.
@@ -30,9 +32,7 @@ def symmetric_label_noise(labels, rate, num_classes, seed):
         raise ValueError(
             f"noise rate must lie in [0, 1) (the probability that a label is corrupted), got {rate!r}."
         )
-    if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 2:
-        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}.")
-    num_classes = int(num_classes)
+    num_classes = check_integer("num_classes", num_classes, minimum=2)
     y = np.asarray(labels)
     if y.ndim != 1:
         raise ValueError(f"labels must be a 1-D array of class indices, got shape {y.shape}.")

@@ -47,6 +47,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from keras_hesstrace._validate import check_integer
+
 ROLES = ("calibration", "clean", "noisy")
 ARCHS = ("small_cnn", "resnet18", "resnet34", "vgg11")
 DATASETS = ("digits", "cifar10", "cifar100")
@@ -157,9 +159,7 @@ class ExperimentConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0.")
         for name in ("epochs", "batch_size", "every_n_steps", "num_probes", "probe_batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or int(v) != v or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}.")
+            check_integer(name, getattr(self, name))
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
         if self.transform not in (None, "log"):
@@ -169,7 +169,7 @@ class ExperimentConfig:
         if self.reference_snapshot is not None:
             from keras_hesstrace.monitor.detector import check_reference
 
-            check_reference(self.reference_snapshot)
+            check_reference(self.reference_snapshot, "reference_snapshot")
             per_run = min((self.epochs * steps_per_epoch(self, d)) // self.every_n_steps + 1
                           for d in self.datasets)
             if self.reference_snapshot > per_run - 2:

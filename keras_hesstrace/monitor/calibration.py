@@ -34,6 +34,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace import stats
 from keras_hesstrace.monitor.detector import (
     Baseline,
@@ -582,14 +583,9 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
     if not (math.isfinite(delta) and delta >= 0):
         raise ValueError(f"delta must be finite and >= 0, got {delta!r}.")
     check_transform(transform)
-    reference_snapshot = check_reference(reference_snapshot)
-    if every_n_steps is not None and (int(every_n_steps) != every_n_steps or every_n_steps < 1):
-        raise ValueError(f"every_n_steps must be a positive integer, got {every_n_steps!r}.")
-    if block_length is not None:
-        if isinstance(block_length, bool) or int(block_length) != block_length or block_length < 1:
-            raise ValueError(f"block_length must be None (whole runs) or an integer >= 1, "
-                             f"got {block_length!r}.")
-        block_length = int(block_length)
+    reference_snapshot = check_reference(reference_snapshot, "reference_snapshot")
+    every_n_steps = check_integer("every_n_steps", every_n_steps, none="not recorded")
+    block_length = check_integer("block_length", block_length, none="whole runs")
     if n_resamples < 100:
         raise ValueError(f"n_resamples must be >= 100, got {n_resamples}.")
     max_length = int(math.ceil(10 * target_arl0)) if max_length is None else int(max_length)
@@ -636,7 +632,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
             resampled_false_alarm_prob=sim.alert_prob(h, scored),
         )
     return Calibration(
-        groups=tuple(by_group), every_n_steps=None if every_n_steps is None else int(every_n_steps),
+        groups=tuple(by_group), every_n_steps=every_n_steps,
         target_arl0=target_arl0, delta=delta, transform=transform,
         n_resamples=int(n_resamples), max_length=max_length, seed=int(seed),
         confidence=float(confidence), results=results, block_length=block_length,

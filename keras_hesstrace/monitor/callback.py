@@ -39,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, _CACHE_ATTR, MODES, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
@@ -157,10 +158,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
                  max_batch_size=None, mode=DEFAULT_MODE):
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
-                            ("probes_per_call", probes_per_call),
-                            ("max_batch_size", 1 if max_batch_size is None else max_batch_size)):
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+                            ("probes_per_call", probes_per_call)):
+            check_integer(name, value)
+        check_integer("max_batch_size", max_batch_size, none="no chunking")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
         if isinstance(data, tf.data.Dataset):

@@ -46,6 +46,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from keras_hesstrace._validate import check_integer
+
 TRANSFORMS = (None, "log")
 OVERRUNS = ("error", "hold")
 
@@ -86,16 +88,9 @@ def apply_transform(values, transform, what="value"):
     return np.log(values)
 
 
-def check_reference(reference):
-    """Return ``reference`` as an int >= 0 or None; raise ``ValueError`` otherwise."""
-    if reference is None:
-        return None
-    if isinstance(reference, (bool, np.bool_)) or not isinstance(reference, (int, np.integer)) \
-            or reference < 0:
-        raise ValueError(
-            f"reference must be None or a snapshot index (an integer >= 0), got {reference!r}."
-        )
-    return int(reference)
+def check_reference(reference, name="reference"):
+    """Return ``reference`` (a snapshot index) as an int >= 0 or None; else ``ValueError``."""
+    return check_integer(name, reference, minimum=0, none="no reference")
 
 
 def relative_to_reference(runs, reference):
