@@ -446,9 +446,16 @@ def test_resume_restores_a_reference_snapshot_and_refuses_another_detector(tmp_p
     model.fit(x, y, epochs=2, callbacks=[callback(path, detectors())], **fit)  # steps 0, 3, 6
     model.save(tmp_path / "ckpt.keras")
     restored = keras.models.load_model(tmp_path / "ckpt.keras")
-    with pytest.raises(ValueError, match="written with another detector"):
+    with pytest.raises(ValueError, match=r"were written with another detector .*: at step 6 replaying gives"):
         restored.fit(x, y, epochs=3, initial_epoch=2,
                      callbacks=[callback(path, detectors(shift=1.0))], **fit)
+    broken = pd.read_csv(path)
+    broken.loc[(broken.group == "total") & (broken.step == 3), "trace"] = -1.0
+    broken.to_csv(tmp_path / "broken.csv", index=False)
+    restored = keras.models.load_model(tmp_path / "ckpt.keras")
+    with pytest.raises(ValueError, match=r"at step 3 this detector refuses the recorded value"):
+        restored.fit(x, y, epochs=3, initial_epoch=2,
+                     callbacks=[callback(tmp_path / "broken.csv", detectors())], **fit)
     restored = keras.models.load_model(tmp_path / "ckpt.keras")
     cb = callback(path, detectors())
     restored.fit(x, y, epochs=4, initial_epoch=2, callbacks=[cb], **fit)

@@ -341,22 +341,34 @@ class HessianTraceCallback(keras.callbacks.Callback):
             # Replay the recorded values: restores g+, g-, the first alert and a
             # reference snapshot's value exactly (the CSV holds the floats' repr).
             det.reset()
+            replayed, problem = [], None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # an overrun="hold" warning was given then
                 for r in mine:
                     step = int(r["step"])
-                    if r["status"] == "ok":
-                        det.update(float(r["trace"]), step=step)
-                    else:
-                        det.skip(step, float(r["trace"]))
-            recorded = (float(mine[-1]["g_pos"]), float(mine[-1]["g_neg"]))
-            if not np.allclose((det.g_pos, det.g_neg), recorded, rtol=1e-9, atol=1e-12):
+                    try:
+                        if r["status"] == "ok":
+                            det.update(float(r["trace"]), step=step)
+                        else:
+                            det.skip(step, float(r["trace"]))
+                    except ValueError as e:
+                        problem = f"at step {step} this detector refuses the recorded value ({e})"
+                        break
+                    replayed.append((det.g_pos, det.g_neg))
+            if problem is None:
+                recorded = np.array([(float(r["g_pos"]), float(r["g_neg"])) for r in mine])
+                close = np.all(np.isclose(np.array(replayed), recorded, rtol=1e-9, atol=1e-12),
+                               axis=1)
+                if not close.all():
+                    i = int(np.argmin(close))
+                    problem = (f"at step {mine[i]['step']} replaying gives g+, g- = "
+                               f"{replayed[i][0]:.6g}, {replayed[i][1]:.6g}, the CSV says "
+                               f"{recorded[i][0]:.6g}, {recorded[i][1]:.6g}")
+            if problem is not None:
                 raise ValueError(
-                    f"{self.csv_path!r}: replaying group {g!r}'s recorded traces through "
-                    f"this detector gives g+, g- = {det.g_pos:.6g}, {det.g_neg:.6g} at step "
-                    f"{mine[-1]['step']}, the CSV says {recorded[0]:.6g}, {recorded[1]:.6g}: "
-                    "it was written with another detector (calibration). Use another "
-                    "csv_path, or the same detector."
+                    f"{self.csv_path!r}: group {g!r}'s rows were written with another "
+                    f"detector (calibration): {problem}. Use another csv_path, or the same "
+                    "detector."
                 )
 
     def _check_overrun(self, epoch):
