@@ -7,7 +7,8 @@ For every cell (architecture x dataset) of the config:
   ``probe_batch_size`` training examples (their labels as trained on); the monitored
   groups' trajectories give the baseline and the calibrated threshold h
   (:func:`calibrate_threshold`: leave-one-out z, whole runs resampled so that their
-  autocorrelation is kept), saved to ``<cell>/calibration.json``.
+  autocorrelation is kept; with ``reference_snapshot`` each run is scored by its change
+  since its own snapshot r), saved to ``<cell>/calibration.json``.
 * Phase II: ``noisy_runs`` runs at every rate in ``noise_rates`` and
   ``heldout_clean_runs`` clean runs that were not used for calibration (the false-alarm
   estimate). Each trajectory is run through the calibrated Page-Hinkley rule (the same
@@ -689,16 +690,11 @@ def rule_scale(config, values):
     return y
 
 
-def scale_name(config, group=None, every_n_steps_epochs=None):
-    """Words for ``rule_scale``: e.g. "log trace minus its value at snapshot 2"."""
+def scale_name(config):
+    """Words for ``rule_scale``: e.g. "log trace minus the run's own value at snapshot 2"."""
     what = ("log " if config.transform == "log" else "") + "trace"
-    if group is not None:
-        what += f" of '{group}'"
-    r = config.reference_snapshot
-    if r is not None:
-        what += f" minus the run's own value at snapshot {r}"
-        if every_n_steps_epochs is not None:
-            what += f" (epoch {r * every_n_steps_epochs:g})"
+    if config.reference_snapshot is not None:
+        what += f" minus the run's own value at snapshot {config.reference_snapshot}"
     return what
 
 

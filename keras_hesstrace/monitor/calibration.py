@@ -4,7 +4,8 @@ For each monitored group:
 
 1. Leave-one-out standardisation: clean run i is standardised with the baseline
    (mu0_t, sigma0_t) of the other N-1 runs, so its z are out-of-sample, as a new run's
-   will be.
+   will be. With ``reference_snapshot=r`` every run is first replaced by its change since
+   its own snapshot r (T(x_t) - T(x_r), t > r); snapshots 0..r are not scored.
 2. The LOO z runs are resampled into ``n_resamples`` long sequences: by default whole
    runs, each rotated by a random offset, concatenated (a circular block bootstrap with one
    run per block, which keeps each run's autocorrelation); ``block_length=k`` uses blocks of
