@@ -44,6 +44,7 @@ from keras_hesstrace.monitor.detector import (
     apply_transform,
     check_reference,
     check_transform,
+    first_scored,
     relative_to_reference,
     run_lengths,
 )
@@ -79,7 +80,7 @@ def loo_standardize(trajectories, transform=None, ddof=1, reference=None):
     runs = [apply_transform(r, transform, what="clean-run value")
             for r in _as_trajectories(trajectories)]
     runs = relative_to_reference(runs, reference)
-    off = 0 if reference is None else reference + 1
+    off = first_scored(reference)
     n = len(runs)
     if n < 3:
         raise ValueError(
@@ -282,11 +283,7 @@ class GroupCalibration:
 
     def expected_false_alarm_prob(self, horizon):
         """1 - (1 - 1/ARL0)^T' for a run of ``horizon`` snapshots, T' of them scored."""
-        return _false_alarm_prob(self.arl0, self.scored_snapshots(horizon))
-
-    def scored_snapshots(self, horizon):
-        """How many of the first ``horizon`` snapshots of a run the rule scores."""
-        return max(0, int(horizon) - self.baseline.first_scored)
+        return _false_alarm_prob(self.arl0, self.baseline.scored_snapshots(horizon))
 
     def to_dict(self):
         d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "baseline"}
@@ -621,7 +618,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         k = sum(a is not None for a in alerts)
         lag1 = stats.lag1_autocorrelation(loo)
         T = len(baseline) if horizon is None else int(horizon)
-        scored = max(0, T - off)
+        scored = baseline.scored_snapshots(T)
         results[g] = GroupCalibration(
             group=g, threshold=float(h), arl0=float(arl0), baseline=baseline,
             n_runs=len(loo), n_z=int(sum(len(z) for z in loo)), horizon=T,

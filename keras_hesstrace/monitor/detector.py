@@ -93,6 +93,11 @@ def check_reference(reference, name="reference"):
     return check_integer(name, reference, minimum=0, none="no reference")
 
 
+def first_scored(reference):
+    """The first snapshot a rule with this ``reference`` scores: 0, or reference + 1."""
+    return 0 if reference is None else reference + 1
+
+
 def relative_to_reference(runs, reference):
     """Each run's values after snapshot ``reference`` minus its value at ``reference``.
 
@@ -190,7 +195,7 @@ class Baseline:
                 f"{mean.shape} and {std.shape}."
             )
         reference = check_reference(reference)
-        off = 0 if reference is None else reference + 1
+        off = first_scored(reference)
         if off >= mean.size:
             raise ValueError(
                 f"reference={reference} leaves no scored snapshot in a baseline of "
@@ -223,7 +228,11 @@ class Baseline:
     @property
     def first_scored(self):
         """The first snapshot index that is scored: 0, or reference + 1."""
-        return 0 if self.reference is None else self.reference + 1
+        return first_scored(self.reference)
+
+    def scored_snapshots(self, horizon):
+        """How many of the first ``horizon`` snapshots of a run the rule scores."""
+        return max(0, int(horizon) - self.first_scored)
 
     @classmethod
     def from_runs(cls, trajectories, transform=None, group=None, ddof=1, reference=None):
@@ -257,7 +266,7 @@ class Baseline:
             raise ValueError(
                 f"A baseline needs at least two clean runs, got {len(runs)}."
             )
-        off = 0 if reference is None else reference + 1
+        off = first_scored(reference)
         lengths = np.array([len(r) for r in runs])
         scored = relative_to_reference(runs, reference)
         T = int(lengths.max())
@@ -327,8 +336,7 @@ class Baseline:
         if values.size == 0:
             return x
         self.index(start + len(values) - 1, overrun)  # raises if it overruns
-        snap = np.arange(start, start + len(values))
-        idx = np.minimum(snap, len(self.mean) - 1)
+        idx = np.minimum(np.arange(start, start + len(values)), len(self.mean) - 1)
         ref = self.reference
         if ref is not None:
             if start <= ref < start + len(values):
