@@ -39,13 +39,10 @@ def _trajectories(config, out, cell, specs, group):
 
 
 def _first_alert_epoch(cal, group, epochs, values):
-    det = cal.detector(group, overrun="hold")
-    for e, v in zip(epochs, values):
-        if not det.usable(v):
-            return None
-        if det.update(float(v)).first_alert:
-            return float(e)
-    return None
+    from keras_hesstrace.experiments import memorisation as mem
+
+    _, alert = mem.score_trajectory(cal, group, range(len(values)), values)
+    return None if alert is None else float(epochs[alert])
 
 
 def rescore(out, group=None, reference="config", block_length=None, target_arl0=None):

@@ -685,8 +685,9 @@ def rule_scale(config, values):
         y = values.copy()
     r = config.reference_snapshot
     if r is not None:
-        y = y - (y[r] if r < len(y) else np.nan)
-        y[: r + 1] = np.nan
+        from keras_hesstrace.monitor.detector import first_scored, relative_to_reference
+
+        y = np.concatenate([np.full(first_scored(r), np.nan), relative_to_reference([y], r)[0]])
     return y
 
 
@@ -864,20 +865,13 @@ def detections(config, out, arch, dataset, cal):
                    "role": spec.role, "noise_rate": spec.noise_rate, "seed": spec.seed,
                    "group": g, "n_snapshots": len(values),
                    "n_floored": int(np.sum(values != raw))}
-            statistic = np.full(len(values), np.nan)
             if spec.role == "calibration":
+                statistic = np.full(len(values), np.nan)
                 i = phase1.index(spec)
                 idx = cal[g].loo_alert_indices[i]  # 1-based snapshot or None
                 alert_index = None if idx is None else idx - 1
             else:
-                det = cal.detector(g, overrun="hold")
-                alert_index = None
-                for t, (s, v) in enumerate(zip(steps, values)):
-                    if not np.isfinite(v) or (config.transform == "log" and v <= 0):
-                        break  # the rule cannot go on; no alert after this point
-                    r = det.update(float(v), step=int(s))
-                    statistic[t] = r.statistic
-                alert_index = det.alert_index
+                statistic, alert_index = score_trajectory(cal, g, steps, values)
             scale = rule_scale(config, values)
             w = scale[(epochs >= lo) & (epochs <= hi) & np.isfinite(scale)]
             rec.update({
@@ -895,6 +889,30 @@ def detections(config, out, arch, dataset, cal):
             rec["_scale"] = scale
             records.append(rec)
     return records
+
+
+def score_trajectory(cal, group, steps, values):
+    """The calibrated rule run over one run's values, as the callback runs it online.
+
+    Args:
+        cal: ``Calibration``.
+        group: the monitored group.
+        steps: int array [T], the snapshots' optimiser steps.
+        values: float array [T], the run's rule values (``rule_values``).
+
+    Returns:
+        (statistic, alert_index): float array [T] of max(g+, g-) after each snapshot
+        (NaN from the first value the rule cannot take: non-finite, <= 0 under the log
+        transform, or after an unusable reference snapshot; the rule stops there), and
+        the 0-based snapshot of the first alert or None.
+    """
+    det = cal.detector(group, overrun="hold")
+    statistic = np.full(len(values), np.nan)
+    for t, (s, v) in enumerate(zip(steps, values)):
+        if not det.usable(v):
+            break
+        statistic[t] = det.update(float(v), step=int(s)).statistic
+    return statistic, det.alert_index
 
 
 SUMMARY_COLUMNS = [
