@@ -1,212 +1,55 @@
 """Hessian-vector products of a Keras model's loss (Pearlmutter), compiled once per model.
 
-The loss is L(θ) = loss(y, model(x, training=False)) + sum(model.losses): the model's
-compiled loss (or the one given), reduced to a scalar as Keras reduces it, plus the
-regularisation losses. Normalisation layers run in inference mode, so BatchNorm uses
-its moving statistics and leaves them unchanged.
+The loss is L(θ) = loss(y, model(x, training=False)) + sum(model.losses), exactly as
+Keras computes it (``keras_hesstrace.losses``). Normalisation layers run in inference
+mode, so BatchNorm uses its moving statistics and leaves them unchanged; the moments
+that LayerNormalization and GroupNormalization compute get exact second derivatives
+while the functions are traced (``keras_hesstrace._second_order``).
 
-Two ways to differentiate twice, which give the same vector:
-  - ``mode="forward"`` (the default): forward-over-reverse, a ForwardAccumulator
-    around the gradient tape (the JVP of the gradient along v);
-  - ``mode="reverse"``: reverse-over-reverse, ∇_θ(∇_θ L · v), two nested GradientTapes.
-Forward is as fast and needs about half the memory (ResNet-18, batch 128, CPU: 1.31x a
-gradient's peak memory against 2.39x); reverse lets several probes share one forward
-and first backward pass (``probes_per_call``), faster per probe at more memory.
+Two ways to differentiate twice, which give the same vector where both are right:
+  - ``mode="forward"``: forward-over-reverse, a ForwardAccumulator around the gradient
+    tape (the JVP of the gradient along v); as fast as reverse and about half its
+    memory (ResNet-18, batch 128, CPU: 1.31x a gradient's peak memory against 2.39x);
+  - ``mode="reverse"``: reverse-over-reverse, ∇_θ(∇_θ L · v), two nested GradientTapes;
+    right on every layer Keras ships, and several probes can share one forward and
+    first backward pass (``probes_per_call``).
+  - ``mode="auto"`` (the default): when the operator first sees a batch it computes one
+    H·v in both modes on a fixed random vector. Forward mode is used when it runs and
+    agrees with reverse to float tolerance; otherwise reverse, with one warning naming
+    the layers (TensorFlow's forward mode cannot differentiate through the while loop
+    of a non-unrolled RNN, and is silently wrong through grouped convolutions). The
+    choice and the check are recorded on the operator (``op.mode``, ``op.mode_check``)
+    and on the results.
 """
 
 import warnings
 
 import numpy as np
 import tensorflow as tf
-import keras
 
+from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors  # noqa: F401
+from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.groups import check_model
+from keras_hesstrace.mode_check import ModeCheck, check_modes  # noqa: F401 (re-exported)
+from keras_hesstrace.losses import loss_key, make_objective, resolve_loss  # noqa: F401 (re-exported)
 
-MODES = ("reverse", "forward")
-# The default by measurement (ResNet-18, batch 128, 2 CPU cores): benchmarks/probe_modes.py
-# times a probe at 2.73x a gradient forward, 2.74x reverse; benchmarks/hvp_cost.py measures
-# its peak memory at 1.31x a gradient's forward, 2.39x reverse (README, "Measured cost").
-DEFAULT_MODE = "forward"
+MODES = ("auto", "forward", "reverse")
+# "auto" checks forward against reverse once per operator and prefers forward, the mode
+# chosen by measurement (ResNet-18, batch 128, 2 CPU cores): benchmarks/probe_modes.py
+# times a probe at 2.73x a gradient forward, 2.74x reverse; benchmarks/hvp_cost.py
+# measures its peak memory at 1.31x a gradient's forward, 2.39x reverse.
+DEFAULT_MODE = "auto"
 _ZERO = tf.UnconnectedGradients.ZERO
 
 
-# --------------------------------------------------------------------------- loss
-
-
-class _MeanLoss:
-    """A per-sample loss function reduced as Keras reduces it ("sum_over_batch_size")."""
-
-    def __init__(self, fn, dtype):
-        self.fn = fn
-        self.dtype = dtype
-        self.__name__ = getattr(fn, "__name__", "loss")
-
-    def __call__(self, y_true, y_pred):
-        y_true = tf.convert_to_tensor(y_true)
-        y_pred = tf.cast(y_pred, self.dtype)
-        if y_true.dtype.is_floating:
-            y_true = tf.cast(y_true, self.dtype)
-        return tf.reduce_mean(tf.cast(self.fn(y_true, y_pred), self.dtype))
-
-
-def resolve_loss(model, loss=None):
-    """The scalar loss function used for the Hessian.
-
-    Args:
-        model: the Keras model.
-        loss: ``None`` for the model's compiled loss; a ``keras.losses.Loss``
-            object; a loss name (``"sparse_categorical_crossentropy"``); or a
-            callable ``f(y_true, y_pred)``, reduced by its mean over all elements
-            as ``model.compile`` does.
-
-    Returns:
-        callable ``(y_true, y_pred) -> scalar tensor``.
-    """
-    if loss is None:
-        loss = getattr(model, "loss", None)
-        if loss is None:
-            raise ValueError(
-                f"Model {model.name!r} has no compiled loss: compile it "
-                "(model.compile(loss=...)) or pass loss= (a keras.losses.Loss, a name, or a callable)."
-            )
-        if isinstance(loss, (dict, list, tuple)):
-            raise ValueError(
-                "The model was compiled with one loss per output; keras-hesstrace needs one "
-                "scalar loss: pass loss= a callable (y_true, y_pred) -> scalar."
-            )
-    dtype = _loss_dtype(model)
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    if isinstance(loss, str):
-        try:
-            fn = keras.losses.get(loss)
-        except ValueError as err:
-            raise ValueError(f"Unknown loss {loss!r}: {err}") from None
-        if isinstance(fn, keras.losses.Loss):
-            return fn
-        return _MeanLoss(fn, dtype)
-    if callable(loss):
-        return _MeanLoss(loss, dtype)
-    raise TypeError(f"loss must be None, a keras.losses.Loss, a name or a callable, not {type(loss).__name__}.")
-
-
-def _loss_dtype(model):
-    """float64 for float64 models, else float32 (also under mixed precision)."""
-    return "float64" if any(v.dtype == "float64" for v in model.trainable_variables) else "float32"
-
-
-def loss_key(model, loss):
-    """A hashable key telling apart the losses a compiled function was built for."""
-    if loss is None:
-        loss = getattr(model, "loss", None)
-        return ("compiled", loss if isinstance(loss, str) else id(loss))
-    return ("given", loss if isinstance(loss, str) else id(loss))
-
-
-def make_objective(model, loss=None):
-    """The scalar objective ``(x, y) -> L`` (data loss + regularisation losses).
-
-    Raises ValueError at trace time when the loss is not a scalar.
-    """
-    loss_fn = resolve_loss(model, loss)
-    dtype = _loss_dtype(model)
-
-    def objective(x, y):
-        y_pred = model(x, training=False)
-        if isinstance(y_pred, tf.Tensor) and y_pred.dtype != dtype:
-            y_pred = tf.cast(y_pred, dtype)  # mixed precision: the loss in float32
-        value = loss_fn(y, y_pred)
-        value = tf.convert_to_tensor(value)
-        if value.shape.rank is None or value.shape.rank != 0:
-            raise ValueError(
-                f"The loss returned shape {value.shape}, not a scalar: use a reducing loss "
-                "(a keras.losses.Loss with its default reduction, or a callable reduced with a mean)."
-            )
-        value = tf.cast(value, dtype)
-        value = _unscale_for_replicas(loss_fn, value)
-        regularisers = model.losses
-        if regularisers:
-            value = value + tf.add_n([tf.cast(r, dtype) for r in regularisers])
-        return value
-
-    return objective
-
-
-def _unscale_for_replicas(loss_fn, value):
-    """Undo the 1/num_replicas factor Keras mean-reducing losses apply in a replica context.
-
-    Keras divides a mean-reduced loss by the replica count so that summed gradients
-    average; the operator here averages the replicas' results explicitly instead.
-    """
-    reduction = getattr(loss_fn, "reduction", None)
-    if isinstance(loss_fn, keras.losses.Loss) and reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
-            value = value * tf.cast(replicas, value.dtype)
-    return value
-
-
-# ---------------------------------------------------------------------- data checks
-
-
-def to_tensors(x, y):
-    """Convert x, y (arrays, tensors or nests of them) to tensors; check batch sizes agree."""
-    if y is None:
-        raise ValueError("y is required when x is an array or tensor (pass labels, or x as a dataset of (x, y) batches).")
-    x = tf.nest.map_structure(tf.convert_to_tensor, x)
-    y = tf.nest.map_structure(tf.convert_to_tensor, y)
-    sizes = {}
-    for name, nest in (("x", x), ("y", y)):
-        for t in tf.nest.flatten(nest):
-            if t.shape.rank == 0:
-                raise ValueError(f"{name} holds a scalar; expected a batch with a leading batch dimension.")
-            sizes.setdefault(name, set()).add(int(t.shape[0]))
-    all_sizes = sizes["x"] | sizes["y"]
-    if len(all_sizes) != 1:
-        raise ValueError(
-            f"x and y must have the same batch size: x has {sorted(sizes['x'])} examples, "
-            f"y has {sorted(sizes['y'])}."
-        )
-    if 0 in all_sizes:
-        raise ValueError("The batch is empty (0 examples).")
-    return x, y
-
-
-def batch_signature(x, y):
-    """TensorSpecs for x, y with the batch dimension left free (one trace for any batch size)."""
-
-    def spec(t):
-        return tf.TensorSpec([None] + list(t.shape[1:]), t.dtype)
-
-    return tf.nest.map_structure(spec, x), tf.nest.map_structure(spec, y)
-
-
-def signature_key(signature):
-    flat = tf.nest.flatten(signature)
-    return (str(tf.nest.map_structure(lambda _: 0, signature)),) + tuple((tuple(s.shape.as_list()), s.dtype.name) for s in flat)
-
-
-def check_vector(variables, vector, name="vector"):
-    """Convert ``vector`` to tensors matching ``variables`` one to one; clear errors otherwise."""
-    if isinstance(vector, (tf.Tensor, np.ndarray)) or not isinstance(vector, (list, tuple)):
-        raise ValueError(
-            f"{name} must be a list of {len(variables)} arrays shaped like the variables "
-            f"(model.trainable_variables), not a {type(vector).__name__}."
-        )
-    if len(vector) != len(variables):
-        raise ValueError(f"{name} has {len(vector)} entries but there are {len(variables)} trainable variables.")
-    out = []
-    for i, (v, var) in enumerate(zip(vector, variables)):
-        t = tf.convert_to_tensor(v)
-        if tuple(t.shape) != tuple(var.shape):
-            raise ValueError(
-                f"{name}[{i}] has shape {tuple(t.shape)} but variable {var.path} has shape {tuple(var.shape)}."
-            )
-        out.append(tf.cast(t, var.dtype))
-    return out
-
-
 # ------------------------------------------------------------------------ operator
+
+
+def check_mode(mode):
+    """Raise ValueError unless ``mode`` is one of :data:`MODES`."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+
 
 
 def hvp_body(objective, variables, x, y, vector, mode):
@@ -233,10 +76,12 @@ def hvp_body_many(objective, variables, x, y, vectors, mode):
         with tf.GradientTape(persistent=len(vectors) > 1) as outer:
             with tf.GradientTape() as inner:
                 loss = objective(x, y)
-            grads = inner.gradient(loss, variables, unconnected_gradients=_ZERO)
+            grads = _dense(inner.gradient(loss, variables, unconnected_gradients=_ZERO))
             gvs = [tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vec)]) for vec in vectors]
-        hvs = [list(outer.gradient(gv, variables, unconnected_gradients=_ZERO)) for gv in gvs]
+        hvs = [_dense(outer.gradient(gv, variables, unconnected_gradients=_ZERO)) for gv in gvs]
         return loss, grads, hvs
+    if mode != "forward":
+        raise ValueError(f"hvp_body_many needs a resolved mode ('forward' or 'reverse'), not {mode!r}.")
     # Keras 3 variables are not accepted as primals: pass the tf.Variables.
     primals = [getattr(var, "value", var) for var in variables]
     hvs = []
@@ -244,9 +89,15 @@ def hvp_body_many(objective, variables, x, y, vectors, mode):
         with tf.autodiff.ForwardAccumulator(primals, list(vec)) as acc:
             with tf.GradientTape() as tape:
                 loss = objective(x, y)
-            grads = tape.gradient(loss, variables, unconnected_gradients=_ZERO)
-        hvs.append(list(acc.jvp(grads, unconnected_gradients=_ZERO)))
+            # Densified inside the accumulator: it cannot follow an IndexedSlices (Embedding).
+            grads = _dense(tape.gradient(loss, variables, unconnected_gradients=_ZERO))
+        hvs.append(_dense(acc.jvp(grads, unconnected_gradients=_ZERO)))
     return loss, grads, hvs
+
+
+def _dense(tensors):
+    """Gradients as dense tensors (an Embedding's gradient is a tf.IndexedSlices)."""
+    return [tf.convert_to_tensor(t) for t in tensors]
 
 
 def effective_strategy(model, strategy=None):
@@ -301,25 +152,42 @@ class HessianOperator:
         variable_indices: indices into ``model.trainable_variables`` of the block
             (``None``: all). For a block, v and Hv live on these variables only and
             the gradient is taken w.r.t. them only (H_SS v_S).
-        mode: "forward" (forward-over-reverse, the default) or "reverse" (reverse-over-reverse).
+        mode: "auto" (the default: forward where a one-time check shows it agrees with
+            reverse, else reverse), "forward" (forward-over-reverse) or "reverse"
+            (reverse-over-reverse).
         jit_compile: compile with XLA.
         strategy: a ``tf.distribute.Strategy`` with several replicas, or None.
+
+    Attributes:
+        mode: the mode the products run in ("forward" or "reverse"); ``None`` while a
+            ``mode="auto"`` operator has not yet seen a batch.
+        requested_mode: the ``mode`` asked for.
+        mode_check: the :class:`ModeCheck` that decided an "auto" mode, else None.
     """
 
     def __init__(self, model, loss=None, variable_indices=None, mode=DEFAULT_MODE, jit_compile=False, strategy=None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+        check_mode(mode)
         check_model(model)
         all_vars = list(model.trainable_variables)
         if variable_indices is None:
             variable_indices = tuple(range(len(all_vars)))
         self.variable_indices = tuple(variable_indices)
         self.variables = [all_vars[i] for i in self.variable_indices]
-        self.mode = mode
+        self.model = model
+        self.requested_mode = mode
+        self.mode = None if mode == "auto" else mode
+        self.mode_check = None
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy
         self.objective = make_objective(model, loss)
         self._functions = {}
+        if not patch_available():
+            warnings.warn(
+                "This Keras version computes moments in a way keras-hesstrace does not know: "
+                "Hessians through LayerNormalization/GroupNormalization may lack a second-order term.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def tracing_count(self):
         """Total number of traces of this operator's compiled functions (for retrace checks)."""
@@ -337,7 +205,12 @@ class HessianOperator:
             key = (kind, signature_key(signature))
             fn = self._functions.get(key)
             if fn is None:
-                fn = tf.function(lambda *a: tf.nest.flatten(body(*a)), input_signature=signature, jit_compile=self.jit_compile)
+
+                def traced(*a):
+                    with exact_moments():
+                        return tf.nest.flatten(body(*a))
+
+                fn = tf.function(traced, input_signature=signature, jit_compile=self.jit_compile)
                 self._functions[key] = fn
             return fn(x, y, *args)
 
@@ -347,7 +220,8 @@ class HessianOperator:
         if fn is None:
 
             def weighted(x, y, w, *args):
-                outs = body(x, y, *args)
+                with exact_moments():
+                    outs = body(x, y, *args)
                 return [tf.cast(o, tf.float64) * w for o in tf.nest.flatten(outs)], w
 
             def step(dist, *args):
@@ -377,16 +251,33 @@ class HessianOperator:
         """
         x, y = to_tensors(x, y)
         vector = check_vector(self.variables, vector)
-        variables, objective, mode = self.variables, self.objective, self.mode
+        self.resolve_mode(x, y)
+        return self._matvec_in(self.mode, x, y, vector)
+
+    def _matvec_in(self, mode, x, y, vector):
+        variables, objective = self.variables, self.objective
 
         def body(x, y, vector):
             loss, _, hv = hvp_body(objective, variables, x, y, vector, mode)
             return list(hv) + [loss]
 
-        out = self._run("matvec", body, x, y, vector)
+        out = self._run(("matvec", mode), body, x, y, vector)
         dtypes = [v.dtype for v in vector]
         hv = [tf.cast(h, d) for h, d in zip(out[:-1], dtypes)]
         return hv, out[-1]
+
+    def resolve_mode(self, x, y):
+        """Decide a ``mode="auto"`` operator's mode on this batch (once); return the mode.
+
+        One H·v on a fixed random vector in both modes: forward when it runs and agrees
+        with reverse within the dtype's tolerance, else reverse (with one warning naming
+        the layers whose products differ). The result is kept in ``self.mode_check``.
+        """
+        if self.mode is None:
+            x, y = to_tensors(x, y)
+            self.mode_check = check_modes(self, x, y)
+            self.mode = self.mode_check.mode
+        return self.mode
 
     def matvec_data(self, data, vector, num_batches=None):
         """Hv of the loss over several batches (the full-dataset mode).
@@ -431,7 +322,8 @@ class HessianOperator:
         """
         from keras_hesstrace.probes import draw_probe
 
-        variables, objective, mode = self.variables, self.objective, self.mode
+        mode = self.resolve_mode(x, y)
+        variables, objective = self.variables, self.objective
         num = int(seeds.shape[0])
 
         def body(x, y, seeds):
@@ -444,7 +336,7 @@ class HessianOperator:
                 totals.append(tf.add_n(per_var))
             return tf.stack(rows), tf.stack(totals), tf.cast(loss, tf.float64)
 
-        return self._run(("probe", probe, group_positions), body, x, y, seeds)
+        return self._run(("probe", probe, group_positions, mode), body, x, y, seeds)
 
 
 _CACHE_ATTR = "_hesstrace_operators"
@@ -484,7 +376,8 @@ def hvp(model, x, y, vector, loss=None, mode=DEFAULT_MODE, jit_compile=False, st
         vector: list of arrays shaped like ``model.trainable_variables``.
         loss: ``None`` (the compiled loss), a ``keras.losses.Loss``, a name or a
             callable ``(y_true, y_pred)``; ``model.losses`` (regularisers) are added.
-        mode: "forward" (forward-over-reverse, the default) or "reverse" (reverse-over-reverse).
+        mode: "auto" (the default: forward-over-reverse where a one-time check shows it
+            agrees with reverse-over-reverse, else reverse), "forward" or "reverse".
         jit_compile: compile the product with XLA.
         strategy: a ``tf.distribute.Strategy`` to split the batch over its replicas
             (default: the one the model was built under, if any).
