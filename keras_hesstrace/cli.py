@@ -81,180 +81,48 @@ def _experiment(args):
 
 EXAMPLE_MODEL = "model.keras"
 
+# The readers of the model, data and loss live in cli_inputs; re-exported here.
+from keras_hesstrace.cli_inputs import (  # noqa: E402,F401
+    CLIError,
+    first_line,
+    fit_data_to_model,
+    import_modules,
+    load_data,
+    load_digits_data,
+    load_model,
+    load_npz_data,
+    load_tfds_data,
+    resolve_cli_loss,
+)
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit code 2, no traceback."""
-
-
-def load_digits_data(split="train"):
-    """The bundled 8x8 digits as the package's loader gives them (the demo trains on these):
-    x float32 [n, 8, 8, 1] in [0, 1], y int64 [n]; split "train" (1,400) or "test" (397)."""
-    from keras_hesstrace.data import load_digits
-
-    if split not in ("train", "test"):
-        raise CLIError(f"--split {split!r}: the digits have the splits 'train' and 'test'.")
-    return load_digits(split=split).arrays()
-
-
-def load_tfds_data(name, split, num_examples, data_dir=None):
-    """(x, y) numpy arrays from a tensorflow-datasets dataset that is prepared on disk.
-
-    Never downloads: a dataset that is not prepared (this machine may be offline, where
-    tfds.load would retry for minutes) is a clear CLIError at once. Images are scaled to
-    float32 in [0, 1].
-    """
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise CLIError(f"--data {name}: tensorflow-datasets is not installed ({err}).") from None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-    except Exception as err:  # DatasetNotFoundError and friends: the message names the problem
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"--data {name}: not 'digits', not an .npz file, and not a known tfds dataset ({first}).") from None
-    if not builder.is_prepared():
-        raise CLIError(
-            f"--data {name}: the tfds dataset is not prepared under {builder.data_dir_root}; "
-            f"prepare it once on a machine with internet (tfds.builder({name!r}).download_and_prepare()) "
-            "and pass --data-dir, or use --data digits or an .npz file."
-        )
-    take = None if num_examples is None else int(num_examples)
-    ds = builder.as_dataset(split=split, as_supervised=True)
-    if take is not None:
-        ds = ds.take(take)
-    xs, ys = [], []
-    for image, label in tfds.as_numpy(ds.batch(1024)):
-        xs.append(image)
-        ys.append(label)
-    import numpy as np
-
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    if x.dtype == np.uint8:
-        x = (x / 255.0).astype("float32")
-    return x, y
+TRACEBACK_ENV = "KERAS_HESSTRACE_TRACEBACK"
 
 
-def load_npz_data(path):
-    """(x, y) from an .npz file holding arrays named x and y."""
-    import numpy as np
+def _check_block(model, args):
+    """--block names groups of the model (checked before any Hessian-vector product)."""
+    if not args.block:
+        return
+    from keras_hesstrace.spectrum import block_indices
 
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x", "y") if k not in f.files]
-            if missing:
-                raise CLIError(f"--data {path}: the .npz needs arrays named x and y; it has {f.files}.")
-            return f["x"], f["y"]
-    except CLIError:
-        raise
-    except Exception as err:
-        raise CLIError(f"--data {path}: cannot read it as an .npz file ({err}).") from None
-
-
-def load_data(args):
-    """(x, y, description) per --data, --num-examples, --split, --data-dir."""
-    import numpy as np
-
-    source = args.data
-    if source == "digits":
-        x, y = load_digits_data(args.split)
-        desc = f"digits (scikit-learn's bundled 8x8) [{args.split}]"
-    elif source.endswith(".npz"):
-        if not os.path.exists(source):
-            raise CLIError(f"--data {source}: file not found.")
-        x, y = load_npz_data(source)
-        desc = source
-    else:
-        x, y = load_tfds_data(source, args.split, args.num_examples, args.data_dir)
-        desc = f"tfds {source} [{args.split}]"
-    if len(x) != len(y):
-        raise CLIError(f"--data {source}: x has {len(x)} examples but y has {len(y)}.")
-    if args.num_examples is not None:
-        if args.num_examples < 1:
-            raise CLIError(f"--num-examples must be >= 1, got {args.num_examples}.")
-        x, y = x[: args.num_examples], y[: args.num_examples]
-    if len(x) == 0:
-        raise CLIError(f"--data {source}: no examples.")
-    return np.asarray(x), np.asarray(y), desc
-
-
-def load_model(path):
-    """The saved Keras model (with its compiled loss when it was saved compiled)."""
-    if not os.path.exists(path):
-        raise CLIError(f"model file not found: {path}")
-    import warnings
-
-    import keras
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # optimizer-variable mismatches are irrelevant here
-            return keras.models.load_model(path)
-    except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"cannot read the model file {path}: {first}") from None
-
-
-def resolve_cli_loss(model, name, from_logits):
-    """The loss for the Hessian: --loss NAME, else the model's compiled loss."""
-    import keras
-
-    if name is None:
-        if getattr(model, "loss", None) is None:
-            raise CLIError(
-                "the model has no compiled loss (saved without model.compile(loss=...)): pass --loss NAME, "
-                "e.g. --loss sparse_categorical_crossentropy --from-logits."
-            )
-        if from_logits:
-            raise CLIError("--from-logits only applies with --loss (the compiled loss keeps its own setting).")
-        return None
-    try:
-        fn = keras.losses.get(name)
-    except Exception:
-        fn = None
-    if fn is None:
-        raise CLIError(f"unknown --loss {name!r}: use a Keras loss name such as sparse_categorical_crossentropy or mse.")
-    if from_logits:
-        if isinstance(fn, keras.losses.Loss):
-            raise CLIError(f"--from-logits needs a loss function name (e.g. sparse_categorical_crossentropy), not {name!r}.")
-
-        def loss(y_true, y_pred):
-            return fn(y_true, y_pred, from_logits=True)
-
-        loss.__name__ = f"{name}(from_logits=True)"
-        return loss
-    return fn
-
-
-def fit_data_to_model(model, x):
-    """x cast to the model's input dtype; reshaped when only the layout differs. CLIError if it cannot fit."""
-    import numpy as np
-
-    inputs = getattr(model, "inputs", None)
-    if not inputs or len(inputs) != 1:
-        return x  # subclassed or multi-input models: checked by the trial call below
-    shape = tuple(inputs[0].shape[1:])
-    dtype = inputs[0].dtype
-    if x.dtype.kind in "fiu" and np.dtype(dtype).kind == "f":
-        x = x.astype(dtype)
-    if None not in shape and tuple(x.shape[1:]) != shape:
-        if int(np.prod(x.shape[1:])) == int(np.prod(shape)):
-            print(f"note: reshaping the data from {tuple(x.shape[1:])} to the model's input shape {shape}")
-            return x.reshape((len(x),) + shape)
-        raise CLIError(f"the data does not fit the model: its examples have shape {tuple(x.shape[1:])}, the model takes inputs of shape {shape}.")
-    return x
+        block_indices(model, list(args.block), args.groups)
+    except ValueError as err:
+        raise CLIError(f"--block {list(args.block)}: {first_line(err)}") from None
 
 
 def prepare(args):
-    """Load model and data, check they fit; returns (model, data, y, loss, meta)."""
-    model = load_model(args.model)
+    """Import --import modules, load model and data, check they fit; returns (model, data, y, loss, meta)."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    model = load_model(args.model, args.imports)
     x, y, desc = load_data(args)
     loss = resolve_cli_loss(model, args.loss, args.from_logits)
+    _check_block(model, args)
     x = fit_data_to_model(model, x)
     try:
         out = model(x[:2], training=False)
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CLIError(f"the data (examples of shape {tuple(x.shape[1:])}) does not fit the model: {first}") from None
+        raise CLIError(f"the data (examples of shape {tuple(x.shape[1:])}) does not fit the model: {first_line(err)}") from None
     from keras_hesstrace.hvp import make_objective
 
     import tensorflow as tf
@@ -262,19 +130,15 @@ def prepare(args):
     try:
         make_objective(model, loss)(tf.convert_to_tensor(x[:2]), tf.convert_to_tensor(y[:2]))
     except Exception as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        shapes = tf.nest.map_structure(lambda t: tuple(t.shape[1:]), out)
         raise CLIError(
             f"the loss cannot be computed on this data (labels of shape {tuple(y.shape[1:])}, outputs of shape "
-            f"{tuple(out.shape[1:])}): {first}"
+            f"{shapes}): {first_line(err)}"
         ) from None
     batch = args.batch_size or len(x)
-    if batch < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {batch}.")
     if batch >= len(x):
         data, labels = x, y
     else:
-        import tensorflow as tf
-
         data, labels = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch), None
     loss_name = args.loss or getattr(getattr(model, "loss", None), "name", None) or str(getattr(model, "loss", None))
     meta = {
@@ -286,9 +150,11 @@ def prepare(args):
         "groups": args.groups,
         "block": args.block,
         "seed": args.seed,
+        "mode": args.mode,
+        "imports": list(args.imports or []),
     }
     print(f"model {args.model} ({model.count_params():,} parameters); data {desc}: {len(x)} examples in "
-          f"batches of {meta['batch_size']}; loss {meta['loss']}")
+          f"batches of {meta['batch_size']}; loss {meta['loss']}; HVP mode {args.mode}")
     return model, data, labels, loss, meta
 
 
@@ -325,20 +191,19 @@ def _estimate(args):
 
     model, data, labels, loss, meta = prepare(args)
     groups = args.groups
-    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, groups=groups, seed=args.seed, loss=loss, verbose=1)
+    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, groups=groups, seed=args.seed, loss=loss,
+                             mode=args.mode, verbose=1)
     frame = result.to_frame()
     if args.block:
-        missing = [b for b in args.block if b not in frame.index]
-        if missing:
-            raise CLIError(f"--block {missing}: no such group; groups are {list(frame.index)}")
-        frame = frame.loc[args.block]
+        frame = frame.loc[args.block]  # the names were checked by prepare()
     print()
     print(result if not args.block else frame.to_string(float_format=lambda v: f"{v:.4g}"))
     out = _out_dir(args)
     if out:
         frame.to_csv(os.path.join(out, "traces.csv"))
         _write_json(os.path.join(out, "estimate.json"), {
-            **meta, "command": "estimate", "num_probes": result.num_probes, "loss_value": result.loss,
+            **meta, "command": "estimate", "mode_used": getattr(result, "mode", args.mode),
+            "num_probes": result.num_probes, "loss_value": result.loss,
             "total_trace": result.total, "total_stderr": result.total_stderr,
             "groups_table": frame.reset_index().to_dict(orient="records"),
         })
@@ -353,7 +218,7 @@ def _eigen(args):
     model, data, labels, loss, meta = prepare(args)
     result = spectrum.top_eigenvalues(
         model, data, labels, k=args.k, max_iter=args.max_iter, tol=args.tol, method=args.method, which=args.which,
-        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -377,7 +242,7 @@ def _density(args):
     model, data, labels, loss, meta = prepare(args)
     result = spectrum.spectral_density(
         model, data, labels, num_runs=args.num_runs, lanczos_steps=args.lanczos_steps, sigma=args.sigma,
-        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -402,7 +267,7 @@ def _landscape(args):
     model, data, labels, loss, meta = prepare(args)
     result = landscape.loss_landscape(
         model, data, labels, directions=args.directions, grid=args.grid, span=args.span, loss=loss,
-        groups=_block(args), by=args.groups, seed=args.seed, verbose=1,
+        groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -420,7 +285,15 @@ def _landscape(args):
 
 
 def _common(p):
+    from keras_hesstrace.hvp import DEFAULT_MODE, MODES
+
     p.add_argument("model", metavar="MODEL.keras", help="a model saved with model.save('model.keras')")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
+                   help="import MODULE (a dotted name importable from the current directory, or a path to a .py "
+                        "file) before loading the model, so that the custom layers, losses and functions it "
+                        "registers with @keras.saving.register_keras_serializable load (repeat for several)")
+    p.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+                   help=f"how Hessian-vector products are computed (default {DEFAULT_MODE}; see the README)")
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="'digits' (scikit-learn's bundled 8x8 digits, offline), a tensorflow-datasets name that is "
                         "prepared on disk (cifar10, cifar100; never downloaded), or an .npz file with arrays x and y")
@@ -490,7 +363,7 @@ def build_parser():
         epilog="Example: keras-hesstrace eigen model.keras --data digits --k 3 --out results/",
     )
     _common(eig)
-    eig.add_argument("--k", type=int, default=1, help="number of eigenvalues (default 1)")
+    eig.add_argument("-k", "--k", dest="k", type=int, default=1, help="number of eigenvalues (default 1)")
     eig.add_argument("--method", choices=("auto", "lanczos", "power"), default="auto", help="algorithm (default auto = lanczos: fewer HVPs than power iteration)")
     eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM, default, as PyHessian) or largest algebraic (LA)")
     eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue (default 100)")
@@ -558,10 +431,29 @@ def build_parser():
                          type=_parse_field(hints[f.name]), metavar=f.name.upper(),
                          help=f"(default from the preset: {mem.PRESETS['cpu-small'].get(f.name, f.default if f.default is not dataclasses.MISSING else '...')})")
     exp.set_defaults(func=_experiment)
+    for command in sub.choices.values():
+        command.add_argument("--traceback", action="store_true",
+                             help=f"on an error, print the full traceback too (or set {TRACEBACK_ENV}=1)")
     return parser
 
 
+def _report(args, err):
+    """Print an exception as one line (the traceback too with --traceback); return the exit code.
+
+    2 when the input or a setting is refused (CLIError, ValueError: the library's checks of
+    its arguments), as argparse exits for usage errors; 1 when the computation fails.
+    """
+    if getattr(args, "traceback", False) or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    text = first_line(err) if isinstance(err, CLIError) else f"{type(err).__name__}: {first_line(err)}"
+    print(f"keras-hesstrace {args.command}: error: {text}", file=sys.stderr)
+    return 2 if isinstance(err, (CLIError, ValueError)) else 1
+
+
 def main(argv=None):
+    """Run the command line; every failure is one line on stderr and a non-zero exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -569,15 +461,11 @@ def main(argv=None):
         return 2
     try:
         return args.func(args)
-    except CLIError as err:
-        print(f"keras-hesstrace {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, FloatingPointError) as err:
-        if args.command == "demo":
-            raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"keras-hesstrace {args.command}: error: {first}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"keras-hesstrace {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        return _report(args, err)
 
 
 if __name__ == "__main__":

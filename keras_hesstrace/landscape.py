@@ -18,9 +18,9 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.hvp import hessian_operator, to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.spectrum import block_indices, top_eigenvalues, _rng
-from keras_hesstrace.trace import is_dataset, iterate_batches
+from keras_hesstrace.trace import iterate_batches, resolve_data
 
 DIRECTIONS = ("top1", "top2", "random1", "random2", "random")
 
@@ -121,9 +121,9 @@ def _grid(grid, span):
 class _LossEvaluator:
     """The loss (same objective as the Hessian's) on one batch or a dataset, compiled once."""
 
-    def __init__(self, model, x, y, loss, num_batches):
-        self.op = hessian_operator(model, loss)
-        self.dataset = is_dataset(x, y)
+    def __init__(self, model, x, y, loss, num_batches, mode=DEFAULT_MODE):
+        x, y, self.dataset = resolve_data(x, y, "loss_landscape")
+        self.op = hessian_operator(model, loss, None, mode)
         self.num_batches = num_batches
         if self.dataset:
             if not isinstance(x, tf.data.Dataset) and iter(x) is x:
@@ -149,15 +149,16 @@ class _LossEvaluator:
 
 def loss_landscape(
     model, x, y=None, directions="top2", grid=21, span=1.0, loss=None, groups=None, by="layer", seed=None,
-    num_batches=None, ignore_1d=True, eigen_kwargs=None, verbose="auto",
+    num_batches=None, ignore_1d=True, eigen_kwargs=None, verbose="auto", mode=DEFAULT_MODE,
 ):
     """The loss on a 1-D or 2-D grid along two directions through the current weights.
 
     Args:
         model: a built ``keras.Model`` (run with ``training=False``); its weights are
             restored bit-identically afterwards, also on error.
-        x, y: one batch, or x a ``tf.data.Dataset`` / list of (x, y) batches (the loss is
-            then the example-weighted mean over the batches).
+        x, y: one batch (``x, y``, or the tuple ``(x, y)`` as x), or x a ``tf.data.Dataset``
+            / list of (x, y) batches (the loss is then the example-weighted mean over the
+            batches); :func:`keras_hesstrace.trace.resolve_data` gives the rules.
         directions: "top2" / "top1": the Hessian's top eigenvectors (largest magnitude,
             unit norm, from :func:`keras_hesstrace.spectrum.top_eigenvalues`) for a 2-D / 1-D
             grid; "random2" (or "random") / "random1": filter-normalised Gaussian
@@ -174,6 +175,8 @@ def loss_landscape(
         ignore_1d: random directions leave 1-D variables (biases, BN) unperturbed.
         eigen_kwargs: extra arguments for ``top_eigenvalues`` (max_iter, tol, method).
         verbose: 0, 1, or "auto" (a progress bar when more than 50 loss evaluations).
+        mode: the HVP mode of the eigenvector search (see
+            :func:`keras_hesstrace.hessian_operator`); ``eigen_kwargs["mode"]`` wins.
 
     Returns:
         :class:`LandscapeResult`.
@@ -183,6 +186,7 @@ def loss_landscape(
         >>> r.losses.shape
         (21, 21)
     """
+    x, y, _ = resolve_data(x, y, "loss_landscape")
     _, seed = _rng(seed)
     _, indices = block_indices(model, groups, by)
     names = block_indices(model, groups, by)[0]
@@ -195,7 +199,7 @@ def loss_landscape(
         ndim = 1 if directions.endswith("1") else 2
         if directions.startswith("top"):
             kind = "top"
-            kw = {"max_iter": 100, "tol": 1e-3}
+            kw = {"max_iter": 100, "tol": 1e-3, "mode": mode}
             kw.update(eigen_kwargs or {})
             eig = top_eigenvalues(model, x, y, k=ndim, loss=loss, groups=groups, by=by, seed=seed, num_batches=num_batches, **kw)
             eigenvalues = eig.eigenvalues
@@ -227,7 +231,7 @@ def loss_landscape(
     axis = _grid(grid, span)
     coords = (axis,) if ndim == 1 else (axis, axis.copy())
     shape = tuple(len(c) for c in coords)
-    evaluate = _LossEvaluator(model, x, y, loss, num_batches)
+    evaluate = _LossEvaluator(model, x, y, loss, num_batches, mode)
     touched = [i for i in sorted(block) if any(np.any(d[i]) for d in dirs)]
     originals = {i: variables[i].numpy().copy() for i in touched}
     base = {i: originals[i].astype(np.float64) for i in touched}

@@ -10,8 +10,9 @@ Two layers:
 2. Model-level functions (``top_eigenvalues``, ``hessian_trace``, ``spectral_density``,
    ``diagonal``) that wrap the model's Hessian, or a block of it, as such a callable.
 
-Every model-level function takes ``model, x, y=None``: one batch ``(x, y)``, or ``x`` a
-``tf.data.Dataset`` / list of ``(x, y)`` batches (the full-dataset mode: each Hv is the
+Every model-level function takes ``model, x, y=None``: one batch ``x, y`` (or the tuple
+``(x, y)`` as ``x``), or ``x`` a ``tf.data.Dataset`` / list of ``(x, y)`` batches (rules:
+``keras_hesstrace.trace.resolve_data``; the full-dataset mode: each Hv is the
 batch-size-weighted average over the batches, the HVP of the mean loss over all their
 examples). ``groups=`` restricts the Hessian to the block of those groups of
 ``layer_groups(model, by)``: v is zero outside the block and only the block of Hv is kept
@@ -39,7 +40,7 @@ import keras
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
-from keras_hesstrace.trace import is_dataset
+from keras_hesstrace.trace import resolve_data
 
 WHICH = ("LM", "LA")
 EIGEN_METHODS = ("auto", "power", "lanczos")
@@ -523,19 +524,22 @@ class ModelHessian:
     """The Hessian (block) of a model's loss as a callable on flat float64 numpy vectors.
 
     Args:
-        model, x, y: the model and one batch, or x a dataset / list of (x, y) batches.
+        model, x, y: the model and one batch (``x, y`` or the tuple ``(x, y)`` as x), or x a
+            dataset / list of (x, y) batches (:func:`keras_hesstrace.trace.resolve_data`).
         loss: None (compiled loss), a Loss, a name or a callable.
         groups, by: the block (see :func:`block_indices`).
         num_batches: batches used in the dataset mode (default all).
         mode, jit_compile: HVP settings (see :func:`keras_hesstrace.hessian_operator`).
         verbose: show a keras Progbar counting HVPs.
+        caller: the public function's name, for the messages that refuse ``x, y``.
 
     Attributes:
         n: the block's dimension; ``num_hvps``: products computed (one per batch pass);
         ``loss``: the loss seen at the first product.
     """
 
-    def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0):
+    def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0, caller="ModelHessian"):
+        x, y, self.dataset = resolve_data(x, y, caller)
         self.model = model
         self.group_names, self.indices = block_indices(model, groups, by)
         self.restricted = groups is not None
@@ -544,7 +548,6 @@ class ModelHessian:
         self.sizes = [int(np.prod(v.shape)) for v in self.variables]
         self.offsets = np.cumsum([0] + self.sizes)
         self.n = int(self.offsets[-1])
-        self.dataset = is_dataset(x, y)
         if self.dataset:
             if not isinstance(x, tf.data.Dataset) and iter(x) is x:
                 raise ValueError(
@@ -652,7 +655,8 @@ def top_eigenvalues(
 
     Args:
         model: a built ``keras.Model`` (run with ``training=False``).
-        x, y: one batch [batch, ...], or x a ``tf.data.Dataset`` / list of (x, y) batches.
+        x, y: one batch [batch, ...] (or the tuple ``(x, y)`` as x, y omitted), or x a
+            ``tf.data.Dataset`` / list of (x, y) batches.
         k: number of eigenpairs.
         max_iter: HVP budget per eigenpair (power: per pair; Lanczos: k * max_iter in all).
         tol: relative residual tolerance: stop when ||H u - λ u|| <= tol |λ| for all k pairs
@@ -685,7 +689,7 @@ def top_eigenvalues(
         method = AUTO_METHOD
     if method == "power" and which != "LM":
         raise ValueError("Power iteration finds the largest-magnitude eigenvalues only: use which='LM' or method='lanczos'.")
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="top_eigenvalues")
     _, seed = _rng(seed)
     try:
         if method == "power":
@@ -770,7 +774,7 @@ def hessian_trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, not {method!r}.")
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="hessian_trace")
     _, seed = _rng(seed)
     try:
         if method == "hutchinson":
@@ -871,7 +875,7 @@ def spectral_density(
     """
     num_runs = check_integer("num_runs", num_runs)
     lanczos_steps = check_integer("lanczos_steps", lanczos_steps)
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="spectral_density")
     rng, seed = _rng(seed)
     notes = []
     if lanczos_steps > H.n:
@@ -954,7 +958,7 @@ def diagonal(
     Returns:
         :class:`DiagonalResult`.
     """
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
     _, seed = _rng(seed)
     try:
         mean, err = hutchinson_diagonal(H, H.n, num_probes, probe, seed)

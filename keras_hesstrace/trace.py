@@ -113,13 +113,91 @@ def _stderr(samples):
     return samples.std(axis=0, ddof=1) / np.sqrt(m)
 
 
-def is_dataset(x, y):
-    """True when x is a tf.data.Dataset or an iterable of batches (y omitted)."""
+def _is_array(obj):
+    """One model input or target: an array, tensor or dict of them (not a sequence of them)."""
+    return isinstance(obj, (dict, np.ndarray, keras.KerasTensor)) or tf.is_tensor(obj) or hasattr(obj, "__array__")
+
+
+def _is_sequence(obj):
+    return isinstance(obj, (tuple, list))
+
+
+def _right_calls(caller):
+    return (
+        f"pass one batch as {caller}(model, x, y) or {caller}(model, (x, y)), several as a list "
+        f"{caller}(model, [(x1, y1), (x2, y2)]) or a tf.data.Dataset of (x, y) batches"
+    )
+
+
+def resolve_data(x, y=None, caller="f"):
+    """Decide whether ``x, y`` is ONE batch or a dataset: the one place every estimator asks.
+
+    The rules (``y`` omitted):
+      - a ``tf.data.Dataset``, or a list of (x, y) batches (or any other iterable, such as
+        a generator): the dataset mode;
+      - a tuple (or list) of exactly two elements whose first is an array, tensor or dict,
+        or whose second is one (``(x, y)``, ``((xa, xb), y)``): one batch, as if given as
+        ``x, y``;
+      - a tuple of two sequences (``((xa, xb), (ya, yb))``, which is also two (x, y)
+        batches) is ambiguous and refused: pass ``x, y`` separately or a list of batches;
+      - one array, or a tuple of 1 or 3+ arrays (``(x,)``, ``(x, y, sample_weight)``):
+        refused with the right call.
+
+    With ``y`` given, ``x`` is one batch's inputs (never a dataset).
+
+    Args:
+        x: inputs of one batch, an ``(x, y)`` tuple, a ``tf.data.Dataset`` or a list of
+            (x, y) batches.
+        y: targets of the batch, or ``None``.
+        caller: the function's name, used in the error messages.
+
+    Returns:
+        ``(x, y, dataset)``: for one batch its inputs and targets and ``False``; in the
+        dataset mode ``(x, None, True)``.
+
+    Raises:
+        ValueError: for the ambiguous and incomplete forms above, or a dataset with ``y``.
+    """
     if isinstance(x, tf.data.Dataset):
-        return True
-    if y is None and not isinstance(x, (np.ndarray, tf.Tensor, dict, keras.KerasTensor)) and hasattr(x, "__iter__"):
-        return True
-    return False
+        if y is not None:
+            raise ValueError(
+                f"y must be omitted when x is a tf.data.Dataset (it yields the (x, y) batches): "
+                f"call {caller}(model, dataset)."
+            )
+        return x, None, True
+    if y is not None:
+        return x, y, False
+    if _is_array(x):
+        raise ValueError(f"y is missing: x is one batch of inputs; {_right_calls(caller)}.")
+    if not _is_sequence(x):
+        if hasattr(x, "__iter__"):
+            return x, None, True  # a generator or other iterable of (x, y) batches
+        raise ValueError(f"x must be a batch or a dataset, not a {type(x).__name__}: {_right_calls(caller)}.")
+    if len(x) == 0:
+        raise ValueError(f"x is an empty {type(x).__name__}: {_right_calls(caller)}.")
+    if len(x) == 2:
+        first, second = x
+        if _is_array(first) or (_is_array(second) and _is_sequence(first)):
+            return first, second, False
+        if isinstance(x, tuple) and _is_sequence(first) and _is_sequence(second):
+            raise ValueError(
+                f"x is a tuple of two sequences, which reads as one batch (x, y) of a model with several "
+                f"inputs and outputs and as two (x, y) batches: for one batch call {caller}(model, x, y) "
+                f"with x and y separately; for two batches pass a list {caller}(model, [(x1, y1), (x2, y2)])."
+            )
+        return x, None, True
+    if _is_array(x[0]):
+        kind = type(x).__name__
+        what = (f"a {kind} of one array and no y" if len(x) == 1 else
+                f"a {kind} of 3 arrays (x, y, sample weights? they are not supported)" if len(x) == 3 else
+                f"a {kind} of {len(x)} arrays and no y")
+        raise ValueError(f"x is {what}: {_right_calls(caller)}.")
+    return x, None, True
+
+
+def is_dataset(x, y):
+    """True when ``(x, y)`` is the dataset mode by :func:`resolve_data`'s rules (which may refuse it)."""
+    return resolve_data(x, y)[2]
 
 
 def iterate_batches(data, num_batches=None):
@@ -145,7 +223,8 @@ def iterate_batches(data, num_batches=None):
             raise ValueError(
                 f"Each batch must be an (x, y) pair; got {n} element(s)"
                 + (" (sample weights are not supported)" if n == 3 else "")
-                + "."
+                + ". For one batch pass x, y (or the tuple (x, y)); for several, a list of (x, y) "
+                "tuples or a tf.data.Dataset of them."
             )
         count += 1
         yield element[0], element[1]
@@ -209,10 +288,11 @@ def layer_traces(
 
     Args:
         model: a built ``keras.Model`` (run with ``training=False``).
-        x: a batch of inputs [batch, ...], or a ``tf.data.Dataset`` / iterable of
-            (x, y) batches (the full-dataset mode: each probe's sample is
-            averaged over the batches, weighted by batch size).
-        y: the batch's targets (omit when x is a dataset).
+        x: a batch of inputs [batch, ...], the tuple ``(x, y)`` of one batch, or a
+            ``tf.data.Dataset`` / list of (x, y) batches (the full-dataset mode: each
+            probe's sample is averaged over the batches, weighted by batch size).
+            :func:`resolve_data` gives the rules.
+        y: the batch's targets (omit when x is ``(x, y)`` or a dataset).
         num_probes: M, the number of probes (HVPs per batch).
         groups: a grouping for :func:`layer_groups` (``"layer"``, ``"variable"``,
             a callable, a dict of patterns) or a mapping name -> variables.
@@ -249,6 +329,7 @@ def layer_traces(
     """
     num_probes = check_integer("num_probes", num_probes)
     check_probe(probe)
+    x, y, dataset_mode = resolve_data(x, y, "layer_traces")
     mapping = layer_groups(model, by=groups)
     names, indices = group_indices(model, mapping)
     sizes = group_sizes(mapping)
@@ -264,7 +345,6 @@ def layer_traces(
         for start in range(0, num_probes, per_call)
     ]
 
-    dataset_mode = is_dataset(x, y)
     if dataset_mode:
         batches = iterate_batches(x, num_batches)
         total_steps = None if num_batches is None else int(num_batches) * num_probes

@@ -1,13 +1,17 @@
 """The analysis subcommands (estimate, eigen, density, landscape) on a tiny saved model."""
 
+import importlib
 import json
 import os
+import sys
+import uuid
 
 import numpy as np
 import pytest
 import keras
 
-from keras_hesstrace import cli
+import keras_hesstrace
+from keras_hesstrace import cli, landscape, spectrum
 
 SMALL = ["--data", "digits", "--num-examples", "64", "--seed", "0"]
 
@@ -107,6 +111,8 @@ def test_npz_data_and_a_layout_reshape(saved, capsys, tmp_path):
         (["eigen", "m.keras", "--data", "cifar10", "--data-dir", "TMP"], "not prepared"),
         (["eigen", "m.keras", "--data", "no_such_dataset_xyz", "--data-dir", "TMP"], "not a known tfds dataset"),
         (["eigen", "m.keras", *SMALL, "--block", "nope"], "Unknown group"),
+        (["estimate", "m.keras", *SMALL, "--block", "nope"], "Unknown group"),
+        (["eigen", "m.keras", *SMALL, "--batch-size", "0"], "--batch-size must be >= 1"),
         (["eigen", "m.keras", *SMALL, "--loss", "nonsense_loss"], "unknown --loss"),
     ],
 )
@@ -139,3 +145,169 @@ def test_help_explains_each_subcommand(capsys):
             cli.main([name, "--help"])
         text = capsys.readouterr().out
         assert "Example:" in text and "--data" in text and "digits" in text
+
+
+# ============================================================ --import, --mode, one-line failures
+
+LAYERS = """
+import numpy as np
+import tensorflow as tf
+import keras
+
+
+@keras.saving.register_keras_serializable(package="{package}")
+class Halve(keras.layers.Layer):
+    def call(self, x):
+        return 0.5 * x
+
+
+@keras.saving.register_keras_serializable(package="{package}")
+class NumpyTanh(keras.layers.Layer):
+    \"\"\"tanh through tf.numpy_function: TensorFlow cannot differentiate it, so the Hessian fails.\"\"\"
+
+    def call(self, x):
+        out = tf.numpy_function(np.tanh, [x], x.dtype)
+        out.set_shape(x.shape)
+        return out
+"""
+
+
+@pytest.fixture
+def custom(tmp_path, monkeypatch):
+    """A module defining custom layers, two models saved with them, and the layers unregistered again.
+
+    The module has a fresh name per test, so that importing it (by --import) registers
+    its classes anew.
+    """
+    name = f"hesscli_layers_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(LAYERS.format(package=name))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    keras.utils.set_random_seed(0)
+    halve = keras.Sequential([keras.Input((64,)), module.Halve(name="halve"), keras.layers.Dense(10, name="head")])
+    halve.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    halve.save(tmp_path / "halve.keras")
+    broken = keras.Sequential([keras.Input((64,)), keras.layers.Dense(3, name="hidden"), module.NumpyTanh(),
+                               keras.layers.Dense(10, name="head")])
+    broken.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    broken.save(tmp_path / "broken.keras")
+    registry = keras.saving.get_custom_objects()
+    for cls in ("Halve", "NumpyTanh"):
+        registry.pop(f"{name}>{cls}")
+    sys.modules.pop(name)
+    sys.path.remove(str(tmp_path))
+    return tmp_path, name
+
+
+def _one_error_line(err):
+    lines = [line for line in err.strip().splitlines() if line.startswith("keras-hesstrace")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def test_an_unregistered_custom_class_is_named_with_the_fix(custom, capsys):
+    tmp, name = custom
+    code, out, err = _run(["estimate", str(tmp / "halve.keras"), *SMALL], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert "Halve" in line and f"--import {name}" in line and "could not be deserialized" not in line
+
+
+def test_import_a_module_from_the_working_directory(custom, capsys, monkeypatch):
+    tmp, name = custom
+    monkeypatch.chdir(tmp)
+    code, out, err = _run(["estimate", "halve.keras", *SMALL, "--num-probes", "2", "--import", name, "--out", "res"], capsys)
+    assert code == 0, err
+    payload = json.loads((tmp / "res" / "estimate.json").read_text())
+    assert payload["imports"] == [name] and [row["group"] for row in payload["groups_table"]] == ["head"]
+    assert str(tmp) not in sys.path  # the working directory was on the path only while importing
+
+
+def test_import_a_py_file_by_path(custom, capsys, tmp_path_factory):
+    tmp, name = custom
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    os.replace(tmp / f"{name}.py", elsewhere / f"{name}.py")
+    code, out, err = _run(["eigen", str(tmp / "halve.keras"), *SMALL, "--max-iter", "40",
+                           "--import", str(elsewhere / f"{name}.py")], capsys)
+    assert code == 0, err
+    assert "lanczos" in out
+
+
+@pytest.mark.parametrize(
+    "module, message",
+    [
+        ("no_such_module_for_hesstrace", "--import no_such_module_for_hesstrace: no module named 'no_such_module_for_hesstrace'"),
+        ("RAISES", "importing it failed: RuntimeError: broken on purpose"),
+        ("missing/file.py", "--import missing/file.py: file not found"),
+    ],
+)
+def test_a_module_that_cannot_be_imported_is_one_line(saved, capsys, tmp_path, module, message):
+    if module == "RAISES":
+        (tmp_path / "raises_on_import.py").write_text("raise RuntimeError('broken on purpose')\n")
+        module = str(tmp_path / "raises_on_import.py")
+    code, out, err = _run(["density", str(saved / "m.keras"), *SMALL, "--import", module], capsys)
+    assert code == 2
+    line = _one_error_line(err)
+    assert message in line and module in line
+
+
+def test_a_model_whose_hessian_fails_is_one_line_with_exit_1(custom, capsys):
+    tmp, name = custom
+    code, out, err = _run(["estimate", str(tmp / "broken.keras"), *SMALL, "--num-probes", "2",
+                           "--import", str(tmp / f"{name}.py")], capsys)
+    assert code == 1
+    line = _one_error_line(err)
+    assert line.startswith("keras-hesstrace estimate: error: ") and "in user code" not in line
+
+
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((4, 64))}, "needs arrays named x and y"),
+        ({"x": np.zeros((4, 64)), "y": np.zeros(3, dtype=int)}, "x has 4 examples but y has 3"),
+        ({"x": np.zeros((4, 7)), "y": np.zeros(4, dtype=int)}, "does not fit"),
+        ("CORRUPT", "cannot read it as an .npz file"),
+        ("MISSING", "file not found"),
+    ],
+)
+def test_bad_data_is_one_line_with_exit_2(saved, capsys, tmp_path, arrays, message):
+    path = tmp_path / "d.npz"
+    if arrays == "CORRUPT":
+        path.write_bytes(b"not a zip")
+    elif arrays != "MISSING":
+        np.savez(path, **arrays)
+    code, out, err = _run(["landscape", str(saved / "flat.keras"), "--data", str(path)], capsys)
+    assert code == 2
+    assert message in _one_error_line(err)
+
+
+@pytest.mark.parametrize(
+    "command, owner, function",
+    [
+        ("estimate", keras_hesstrace, "layer_traces"),
+        ("eigen", spectrum, "top_eigenvalues"),
+        ("density", spectrum, "spectral_density"),
+        ("landscape", landscape, "loss_landscape"),
+    ],
+)
+def test_mode_reaches_every_estimator(saved, capsys, monkeypatch, command, owner, function):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stopped after recording the call")
+
+    monkeypatch.setattr(owner, function, record)
+    code, out, err = _run([command, str(saved / "m.keras"), *SMALL, "--mode", "reverse"], capsys)
+    assert code == 1 and "stopped after recording the call" in _one_error_line(err)
+    assert seen["mode"] == "reverse"
+
+
+def test_estimate_records_the_mode(saved, capsys):
+    out_dir = saved / "est_mode"
+    code, out, err = _run(["estimate", str(saved / "m.keras"), *SMALL, "--num-probes", "2", "--mode", "forward",
+                           "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    payload = json.loads((out_dir / "estimate.json").read_text())
+    assert payload["mode"] == "forward" and payload["mode_used"] == "forward"
