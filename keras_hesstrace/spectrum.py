@@ -536,6 +536,9 @@ class ModelHessian:
     Attributes:
         n: the block's dimension; ``num_hvps``: products computed (one per batch pass);
         ``loss``: the loss seen at the first product.
+
+    Every result below records ``mode``: how its products were computed ("forward" or
+    "reverse"; for ``mode="auto"`` the one the operator's one-time check chose).
     """
 
     def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0, caller="ModelHessian"):
@@ -630,6 +633,7 @@ class EigenResult:
     dimension: int
     loss: float
     seed: int = 0
+    mode: str = "reverse"
 
     def to_frame(self):
         import pandas as pd
@@ -710,6 +714,7 @@ def top_eigenvalues(
         dimension=H.n,
         loss=H.loss,
         seed=seed,
+        mode=H.op.mode,
     )
     if not result.converged.all():
         warnings.warn(
@@ -742,6 +747,7 @@ class TraceEstimate:
     dimension: int
     loss: float
     seed: int = 0
+    mode: str = "reverse"
 
     def __str__(self):
         return (
@@ -786,6 +792,7 @@ def hessian_trace(
     return TraceEstimate(
         trace=out["trace"], stderr=out["stderr"], samples=out["samples"], num_hvps=H.num_hvps,
         converged=out["converged"], method=method, groups=H.group_names, dimension=H.n, loss=H.loss, seed=seed,
+        mode=H.op.mode,
     )
 
 
@@ -815,6 +822,7 @@ class SpectralDensity:
     loss: float
     seed: int = 0
     notes: tuple = ()
+    mode: str = "reverse"
 
     @property
     def num_runs(self):
@@ -900,6 +908,7 @@ def spectral_density(
     return SpectralDensity(
         nodes=nodes, weights=weights, grid=grid, density=density, sigma=sigma, lanczos_steps=lanczos_steps,
         num_hvps=H.num_hvps, groups=H.group_names, dimension=H.n, loss=H.loss, seed=seed, notes=tuple(notes),
+        mode=H.op.mode,
     )
 
 
@@ -923,6 +932,7 @@ class DiagonalResult:
     num_probes: int
     loss: float
     seed: int = 0
+    mode: str = "reverse"
 
     def flat(self):
         """(values [n], stderr [n]) concatenated in group order."""
@@ -982,4 +992,5 @@ def diagonal(
         paths[name] = _paths([model.trainable_variables[i] for i in idx])
     return DiagonalResult(
         groups=tuple(values), values=values, stderr=stderr, variables=paths, num_probes=int(num_probes), loss=H.loss, seed=seed,
+        mode=H.op.mode,
     )

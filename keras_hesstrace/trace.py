@@ -16,6 +16,7 @@ import keras
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to_tensors
+from keras_hesstrace.losses import is_mean_reduced
 from keras_hesstrace.probes import check_probe, probe_seed
 
 
@@ -34,6 +35,8 @@ class TraceResult:
         num_batches: batches averaged over (1 for a single batch).
         probe: the probe distribution.
         seed: the base seed; probe m used the stateless seed (seed, m).
+        mode: how the Hessian-vector products were computed ("forward" or "reverse";
+            with ``mode="auto"`` the one the operator's check chose).
     """
 
     groups: tuple
@@ -44,6 +47,7 @@ class TraceResult:
     num_batches: int = 1
     probe: str = "rademacher"
     seed: int = 0
+    mode: str = "reverse"
 
     @property
     def num_probes(self):
@@ -235,7 +239,7 @@ def iterate_batches(data, num_batches=None):
 def check_mean_reduction(loss_fn, what):
     """Raise unless ``loss_fn`` is a mean over examples (averaging chunks needs that)."""
     reduction = getattr(loss_fn, "reduction", None)
-    if isinstance(loss_fn, keras.losses.Loss) and reduction not in ("sum_over_batch_size", "mean"):
+    if not is_mean_reduced(loss_fn):
         raise ValueError(
             f"{what} splits the batch and averages the chunks weighted by size, which needs a "
             f"loss that is a mean over examples; this loss has reduction={reduction!r}. "
@@ -301,8 +305,9 @@ def layer_traces(
         probe: "rademacher" (default, minimum variance) or "gaussian".
         loss: ``None`` for the compiled loss, or a Loss object, name or callable.
         num_batches: in the dataset mode, the number of batches to use (default all).
-        mode: "forward" (default; forward-over-reverse, the least memory) or
-            "reverse" (reverse-over-reverse) HVP.
+        mode: "auto" (default: forward-over-reverse, the least memory, where a
+            one-time check shows it agrees with reverse-over-reverse; else
+            reverse), "forward" or "reverse". The mode used is ``result.mode``.
         jit_compile: XLA-compile the probe.
         verbose: 0, 1, or "auto" (a progress bar in the dataset mode).
         probes_per_call: probes computed in one compiled call; in reverse mode they
@@ -386,6 +391,7 @@ def layer_traces(
         num_batches=n_batches,
         probe=probe,
         seed=int(seed),
+        mode=op.mode,
     )
     if not result.finite:
         warnings.warn(
