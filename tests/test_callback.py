@@ -134,6 +134,11 @@ def test_bad_input(tmp_path):
         HessianTraceCallback((x, y), max_batch_size=0)
     with pytest.raises(ValueError, match="mode must be one of"):
         HessianTraceCallback((x, y), mode="sideways")
+    # The estimators' rule for one batch: a list of batches, a lone array or (x, y, w) are not.
+    for bad in ([(x[:8], y[:8]), (x[8:16], y[8:16])], x, (x, y, np.ones(len(y)))):
+        with pytest.raises(ValueError, match=r"ONE fixed batch, the tuple \(x, y\)"):
+            HessianTraceCallback(bad)
+    HessianTraceCallback([x, y])  # a list [x, y] is one batch, as for layer_traces
     model = small_model()
     summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
     cb = HessianTraceCallback((x, y), max_batch_size=8, loss=summed, verbose=0)

@@ -41,10 +41,10 @@ import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups
-from keras_hesstrace.hvp import DEFAULT_MODE, _CACHE_ATTR, MODES, resolve_loss
+from keras_hesstrace.hvp import DEFAULT_MODE, _CACHE_ATTR, check_mode, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.detector import PageHinkley
-from keras_hesstrace.trace import check_mean_reduction, layer_traces
+from keras_hesstrace.trace import check_mean_reduction, layer_traces, resolve_data
 
 TOTAL = "total"
 _BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
@@ -161,13 +161,24 @@ class HessianTraceCallback(keras.callbacks.Callback):
                             ("probes_per_call", probes_per_call)):
             check_integer(name, value)
         check_integer("max_batch_size", max_batch_size, none="no chunking")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
+        check_mode(mode)
         if isinstance(data, tf.data.Dataset):
             if data.cardinality() == 0:
                 raise ValueError("data is an empty tf.data.Dataset.")
-        elif not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise ValueError("data must be an (x, y) batch or a tf.data.Dataset of (x, y).")
+        else:
+            # The estimators' own rule for "one batch" (trace.resolve_data), so that what
+            # layer_traces(model, data) reads as one batch is one batch here too.
+            try:
+                one_batch = not resolve_data(data, None, caller="layer_traces")[2]
+            except ValueError:
+                one_batch = False
+            if not one_batch:
+                raise ValueError(
+                    f"data must be ONE fixed batch, the tuple (x, y), or a tf.data.Dataset of (x, y) "
+                    f"batches (a new batch at each snapshot); got a {type(data).__name__}"
+                    + (f" of {len(data)} elements" if isinstance(data, (tuple, list)) else "")
+                    + ". Several batches: tf.data.Dataset.from_tensor_slices((x, y)).batch(B)."
+                )
         if csv_path is not None:
             csv_path = os.fspath(csv_path)
             parent = os.path.dirname(os.path.abspath(csv_path))
