@@ -30,7 +30,8 @@ import tensorflow as tf
 from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors  # noqa: F401
 from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.groups import check_model
-from keras_hesstrace.mode_check import ModeCheck, check_modes  # noqa: F401 (re-exported)
+from keras_hesstrace.probes import draw_probe
+from keras_hesstrace.mode_check import ModeCheck, check_modes, forward_fallback, forward_unsafe_layers
 from keras_hesstrace.losses import loss_key, make_objective, resolve_loss  # noqa: F401 (re-exported)
 
 MODES = ("auto", "forward", "reverse")
@@ -177,6 +178,15 @@ class HessianOperator:
         self.requested_mode = mode
         self.mode = None if mode == "auto" else mode
         self.mode_check = None
+        self._forward_ran = False
+        if mode == "forward":
+            unsafe = forward_unsafe_layers(model)
+            if unsafe:
+                self.mode = "reverse"
+                self.mode_check = ModeCheck("reverse", "forward mode is wrong through grouped convolutions",
+                                            float("nan"), float("nan"), 0.0, unsafe)
+                warnings.warn(f"mode='forward' is silently wrong through grouped convolutions ({', '.join(unsafe)}) "
+                              "in TensorFlow; using mode='reverse'.", RuntimeWarning, stacklevel=3)
         self.jit_compile = bool(jit_compile)
         self.strategy = strategy
         self.objective = make_objective(model, loss)
@@ -252,7 +262,7 @@ class HessianOperator:
         x, y = to_tensors(x, y)
         vector = check_vector(self.variables, vector)
         self.resolve_mode(x, y)
-        return self._matvec_in(self.mode, x, y, vector)
+        return self._forward_or_fallback(lambda: self._matvec_in(self.mode, x, y, vector))
 
     def _matvec_in(self, mode, x, y, vector):
         variables, objective = self.variables, self.objective
@@ -278,6 +288,26 @@ class HessianOperator:
             self.mode_check = check_modes(self, x, y)
             self.mode = self.mode_check.mode
         return self.mode
+
+    def _forward_or_fallback(self, call):
+        """Run ``call()``; if an explicit mode="forward" fails on its first use, fall back to reverse.
+
+        TensorFlow's forward mode cannot trace some layers (a non-unrolled RNN's while
+        loop). A failure of reverse mode on the retry is the model's own and is raised.
+        """
+        if self.mode != "forward" or self.requested_mode != "forward" or self._forward_ran:
+            return call()
+        try:
+            out = call()
+        except Exception as err:  # noqa: BLE001 - any failure of forward mode means: try reverse
+            self.mode = "reverse"
+            out = call()
+            self.mode_check = forward_fallback(err)
+            warnings.warn(f"mode='forward' failed on this model ({self.mode_check.reason}); using mode='reverse'.",
+                          RuntimeWarning, stacklevel=4)
+            return out
+        self._forward_ran = True
+        return out
 
     def matvec_data(self, data, vector, num_batches=None):
         """Hv of the loss over several batches (the full-dataset mode).
@@ -320,9 +350,10 @@ class HessianOperator:
             (s, total, loss): s float64 [P, G] with s[p, g] = Σ_{var in g} <v_var, (Hv)_var>,
             total float64 [P] = <v, Hv> over all variables of the operator, and the loss.
         """
-        from keras_hesstrace.probes import draw_probe
+        self.resolve_mode(x, y)
+        return self._forward_or_fallback(lambda: self._probe_contractions_in(self.mode, x, y, seeds, probe, group_positions))
 
-        mode = self.resolve_mode(x, y)
+    def _probe_contractions_in(self, mode, x, y, seeds, probe, group_positions):
         variables, objective = self.variables, self.objective
         num = int(seeds.shape[0])
 

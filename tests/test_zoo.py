@@ -262,6 +262,7 @@ def test_hvp(case, mode, record_property):
         assert not isinstance(h, tf.IndexedSlices), f"{case.name}: H·v for {w.path} is an IndexedSlices"
         assert tuple(h.shape) == tuple(w.shape)
     hv = flatten(hv)
+    record_property("mode_used", hessian_operator(b.model, mode=kwargs.get("mode", "auto")).mode)
     err = relative_error(hv, b.hv_fd)
     record_property("rel_err_fd", err)
     if not case.big:
