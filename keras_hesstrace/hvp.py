@@ -27,7 +27,7 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors  # noqa: F401
+from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.groups import check_model
 from keras_hesstrace.probes import draw_probe
@@ -323,17 +323,13 @@ class HessianOperator:
         Returns:
             (hv, loss): the weighted averages (hv as float tensors like the variables).
         """
-        from keras_hesstrace.trace import iterate_batches
 
-        acc, loss_sum, total = None, 0.0, 0
-        for xb, yb in iterate_batches(data, num_batches):
-            xb, yb = to_tensors(xb, yb)
-            hv, loss = self.matvec(xb, yb, vector)
-            n = int(tf.nest.flatten(yb)[0].shape[0])
-            acc = [n * h for h in hv] if acc is None else [a + n * h for a, h in zip(acc, hv)]
-            loss_sum += n * float(loss)
-            total += n
-        return [a / total for a in acc], loss_sum / total
+        def one(x, y):
+            hv, loss = self.matvec(x, y, vector)
+            return list(hv) + [float(loss)]
+
+        out = weighted_mean(one, data, num_batches)
+        return out[:-1], out[-1]
 
     def probe_contractions(self, x, y, seeds, probe, group_positions):
         """P probes in one compiled call: draw each v, compute Hv, contract per group.

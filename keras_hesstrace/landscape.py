@@ -14,13 +14,12 @@ bit-identically afterwards, also when an error or KeyboardInterrupt interrupts i
 from dataclasses import dataclass, field
 
 import numpy as np
-import tensorflow as tf
 import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.spectrum import block_indices, top_eigenvalues, _rng
-from keras_hesstrace.trace import iterate_batches, resolve_data
+from keras_hesstrace.batches import check_reiterable, resolve_data, weighted_mean
 
 DIRECTIONS = ("top1", "top2", "random1", "random2", "random")
 
@@ -126,8 +125,7 @@ class _LossEvaluator:
         self.op = hessian_operator(model, loss, None, mode)
         self.num_batches = num_batches
         if self.dataset:
-            if not isinstance(x, tf.data.Dataset) and iter(x) is x:
-                raise ValueError("x is a one-shot iterator: pass a tf.data.Dataset or a list of (x, y) batches.")
+            check_reiterable(x, "loss_landscape")
             self.data = x
         else:
             self.data = to_tensors(x, y)
@@ -138,13 +136,7 @@ class _LossEvaluator:
     def __call__(self):
         if not self.dataset:
             return self._one(*self.data)
-        total, count = 0.0, 0
-        for xb, yb in iterate_batches(self.data, self.num_batches):
-            xb, yb = to_tensors(xb, yb)
-            n = int(tf.nest.flatten(yb)[0].shape[0])
-            total += n * self._one(xb, yb)
-            count += n
-        return total / count
+        return weighted_mean(self._one, self.data, self.num_batches)
 
 
 def loss_landscape(

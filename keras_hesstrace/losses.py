@@ -173,3 +173,14 @@ def _unscale_for_replicas(loss_fn, value):
         if replicas > 1:
             value = value * tf.cast(replicas, value.dtype)
     return value
+
+
+def check_mean_reduction(loss_fn, what):
+    """Raise unless ``loss_fn`` is a mean over examples (averaging chunks needs that)."""
+    reduction = getattr(loss_fn, "reduction", None)
+    if not is_mean_reduced(loss_fn):
+        raise ValueError(
+            f"{what} splits the batch and averages the chunks weighted by size, which needs a "
+            f"loss that is a mean over examples; this loss has reduction={reduction!r}. "
+            "Use the default reduction ('sum_over_batch_size') or leave max_batch_size=None."
+        )

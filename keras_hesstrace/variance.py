@@ -176,7 +176,8 @@ def probe_budget(model, batches, num_probes=10, groups="layer", loss=None, seed=
     Returns:
         :class:`ProbeBudget`.
     """
-    from keras_hesstrace.trace import iterate_batches, layer_traces
+    from keras_hesstrace.batches import iterate_batches
+    from keras_hesstrace.trace import layer_traces
 
     if int(num_probes) < 2:
         raise ValueError("probe_budget needs num_probes >= 2 to estimate the per-probe variance.")
