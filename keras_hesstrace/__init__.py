@@ -14,7 +14,17 @@ Public API:
                         its calibrated alert, effect sizes and intervals
 """
 
-from keras_hesstrace._backend import check_backend as _check_backend
+import importlib as _importlib
+import os as _os
+import sys as _sys
+
+# The command line quiets TensorFlow's C++ start-up chatter. TensorFlow reads the variable
+# once, when it is first imported, which the next lines do: so it is set here, for the
+# `keras-hesstrace` console script only, and a user's own setting wins.
+if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-hesstrace":
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from keras_hesstrace._backend import check_backend as _check_backend  # noqa: E402
 
 _check_backend()
 
@@ -25,7 +35,17 @@ from keras_hesstrace.groups import layer_groups  # noqa: E402
 from keras_hesstrace.hvp import HessianOperator, hessian_operator, hvp  # noqa: E402
 from keras_hesstrace.trace import TraceResult, layer_traces  # noqa: E402
 
-__version__ = "0.1.0"
+from keras_hesstrace._version import __version__  # noqa: E402
+
+# Subpackages imported on first use (kh.monitor, kh.data, ...), so that importing the
+# estimators does not load tensorflow-datasets, pandas-heavy monitoring or the experiments.
+_LAZY = ("monitor", "data", "models", "stats", "experiments", "plots")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return _importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "HessianOperator",

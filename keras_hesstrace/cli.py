@@ -5,8 +5,8 @@ import os
 import sys
 import time
 
-# Quiet TensorFlow's C++ start-up chatter on the terminal (a user's setting wins).
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up chatter is quieted by the package's __init__ for this console
+# script: it has to happen before TensorFlow is imported, which is before this module runs.
 
 
 def _demo(args):

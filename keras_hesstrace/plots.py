@@ -1,26 +1,26 @@
-"""PNG plots of the toolset's results (matplotlib, Agg backend: no display needed).
+"""PNG plots of the toolset's results (matplotlib, no display needed).
 
 Each function writes one PNG and returns its path. They take the result objects of
 ``keras_hesstrace.spectrum``, ``keras_hesstrace.landscape`` and ``layer_traces``.
+Figures are ``matplotlib.figure.Figure`` objects drawn straight to the file, not
+through pyplot: the process's matplotlib backend and pyplot's figure list are left
+as they are.
 """
 
 import numpy as np
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(**kwargs):
+    """A ``matplotlib.figure.Figure`` not registered with pyplot (``figsize``, ``dpi``, ...)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def save_figure(fig, path, dpi="figure"):
-    """Lay out ``fig``, write it to ``path`` (PNG), close it and return ``path``."""
+    """Lay out ``fig``, write it to ``path`` (PNG) and return ``path``."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _pyplot().close(fig)
     return path
 
 
@@ -31,8 +31,8 @@ def plot_density(result, path, title=None):
         result: a :class:`keras_hesstrace.spectrum.SpectralDensity`.
         path: the PNG file to write.
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig = new_figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.subplots()
     # Six decades below the peak: deeper troughs between isolated Ritz values are noise.
     floor = max(float(result.density.max()) * 1e-6, 1e-300)
     ax.semilogy(result.grid, np.maximum(result.density, floor), lw=1.2, color="C0")
@@ -53,17 +53,17 @@ def plot_landscape(result, path, title=None):
         result: a :class:`keras_hesstrace.landscape.LandscapeResult`.
         path: the PNG file to write.
     """
-    plt = _pyplot()
     label = {"top": "top eigenvector", "random": "filter-normalised random direction", "given": "direction"}[result.kind]
     if result.ndim == 1:
-        fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+        fig = new_figure(figsize=(6, 4), dpi=110)
+        ax = fig.subplots()
         ax.plot(result.coordinates[0], result.losses, "o-", ms=3)
         ax.axvline(0.0, color="grey", lw=0.8, ls=":")
         ax.set_xlabel(f"α along the {label}")
         ax.set_ylabel("loss")
         ax.grid(alpha=0.3)
     else:
-        fig = plt.figure(figsize=(11, 4.5), dpi=110)
+        fig = new_figure(figsize=(11, 4.5), dpi=110)
         a, b = np.meshgrid(result.coordinates[0], result.coordinates[1], indexing="ij")
         ax = fig.add_subplot(1, 2, 1)
         cs = ax.contourf(a, b, result.losses, levels=20, cmap="viridis")
@@ -93,10 +93,10 @@ def plot_traces(frame, path, title=None, num_se=2.0):
         path: the PNG file to write.
         num_se: error bar half-width in standard errors.
     """
-    plt = _pyplot()
     names = [str(n) for n in frame.index]
     height = max(3.0, 0.35 * len(names) + 1.5)
-    fig, ax = plt.subplots(figsize=(7.5, height), dpi=110)
+    fig = new_figure(figsize=(7.5, height), dpi=110)
+    ax = fig.subplots()
     y = np.arange(len(names))
     err = np.nan_to_num(frame["stderr"].to_numpy(dtype=float) * num_se)
     ax.barh(y, frame["trace"].to_numpy(dtype=float), xerr=err, color="C0", ecolor="k", capsize=3)

@@ -149,15 +149,13 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
 
 def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import pandas as pd
 
-    from keras_hesstrace.plots import save_figure
+    from keras_hesstrace.plots import new_figure, save_figure
 
     r = cal["head"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11.5), sharex=True)
+    fig = new_figure(figsize=(9, 11.5))
+    axes = fig.subplots(3, 1, sharex=True)
     ax = axes[0]
     for i, spec in enumerate(phase1):
         steps, values = mem.read_trajectory(
@@ -192,7 +190,7 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
 
     ax = axes[2]
     clean = pd.read_csv(os.path.join(mem._run_dir(out, phase1[0]), "traces.csv"))
-    colours = plt.get_cmap("tab10")
+    colours = matplotlib.colormaps["tab10"]
     for k, g in enumerate(dict.fromkeys(frame["group"])):
         f = frame[frame["group"] == g].sort_values("step")
         c = clean[clean["group"] == g].sort_values("step")
