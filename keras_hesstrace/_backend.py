@@ -49,5 +49,5 @@ def check_backend():
 
 
 # oneDNN custom ops are off by default on CPUs without AVX-512 and make the HVP
-# 1.5-1.9x faster here (TF-NOTES); respect a user's explicit choice.
+# 1.5-1.9x faster here (docs/tensorflow-notes.md §2); respect a user's explicit choice.
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")

@@ -2,7 +2,7 @@
 
 One probe v with i.i.d. Rademacher coordinates over ALL parameters, one HVP u = Hv,
 and s_l = <v_l, u_l> for every group l: E[s_l] = tr(H_ll) because the blocks of v are
-independent. M probes cost M HVPs for all groups together (METHOD.md §1).
+independent. M probes cost M HVPs for all groups together (docs/method.md §2).
 """
 
 import warnings

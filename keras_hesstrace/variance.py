@@ -1,4 +1,4 @@
-"""Variance of the Hutchinson estimators, anisotropy, and the probe budget (METHOD.md §2).
+"""Variance of the Hutchinson estimators, anisotropy, and the probe budget (docs/method.md §3).
 
 For a fixed symmetric H split into blocks H_lj and a Rademacher probe v:
 

@@ -1,4 +1,4 @@
-"""Threshold calibration (METHOD.md §3): LOO standardisation, pooled resampling, bisection."""
+"""Threshold calibration (docs/method.md §7.4): LOO standardisation, pooled resampling, bisection."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""The Page-Hinkley recursion (METHOD.md §3), its baseline, and its state."""
+"""The Page-Hinkley recursion (docs/method.md §7), its baseline, and its state."""
 
 import json
 import math
@@ -16,7 +16,7 @@ from keras_hesstrace.monitor.detector import (
 
 
 def reference(zs, delta, h):
-    """Straightforward reading of METHOD.md §3: lists of g+, g- and the first alert (1-based)."""
+    """Straightforward reading of docs/method.md §7.1: lists of g+, g- and the first alert (1-based)."""
     gp, gn, gps, gns, first = 0.0, 0.0, [], [], None
     for t, z in enumerate(zs, start=1):
         gp = max(0.0, gp + z - delta)

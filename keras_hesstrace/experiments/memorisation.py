@@ -1,4 +1,4 @@
-"""The memorisation experiment (METHOD.md §4, the method paper's §5) as a resumable runner.
+"""The memorisation experiment (docs/method.md §8, the method paper's §5) as a resumable runner.
 
 For every cell (architecture x dataset) of the config:
 
@@ -88,7 +88,7 @@ class ExperimentConfig:
         monitor: the groups the alert rule watches (the paper: the classifier ``head``;
             ``"total"`` is the whole model's trace, which the callback always records).
         transform: ``"log"`` (standardise log(trace); the trace spans decades) or None.
-        reference_snapshot: None (METHOD.md §3: each snapshot against the clean
+        reference_snapshot: None (docs/method.md §7: each snapshot against the clean
             baseline), or a snapshot index r: each run is scored by its change since
             its own snapshot r, T(x_t) - T(x_r) for t > r (``calibrate_threshold``).
         log_floor: with ``"log"``: trace estimates below it are raised to it before the
@@ -232,7 +232,7 @@ PRESETS = {
         # eta; referencing each run to itself removes the dip (docs/memorisation.md).
         monitor=["total"], reference_snapshot=2,
     ),
-    # The paper's grid (METHOD.md §4): for a GPU machine with CIFAR prepared.
+    # The paper's grid (docs/method.md §8): for a GPU machine with CIFAR prepared.
     # 391 steps/epoch x 60 epochs / K=100 -> 235 snapshots; target ARL0 2000 snapshots
     # gives an expected false-alarm probability of 1 - (1 - 1/2000)^235 = 0.11 per run.
     "paper": dict(

@@ -10,7 +10,7 @@ def small_cnn(input_shape=(8, 8, 1), num_classes=10, weight_decay=0.0):
 
     No pooling and no BatchNorm: with 544,522 trainable parameters for 8x8x1 inputs and
     10 classes it memorises noisy labels of the 1,400 training digits within a few dozen
-    epochs (the TF-NOTES measurement used this architecture).
+    epochs (the measurement in docs/tensorflow-notes.md §7 used this architecture).
 
     Args:
         input_shape: (height, width, channels), channels-last.

@@ -1,4 +1,4 @@
-"""Calibrate the Page-Hinkley threshold h on clean runs (METHOD.md §3).
+"""Calibrate the Page-Hinkley threshold h on clean runs (docs/method.md §7.4).
 
 For each monitored group:
 
@@ -9,8 +9,8 @@ For each monitored group:
 2. The LOO z runs are resampled into ``n_resamples`` long sequences: by default whole
    runs, each rotated by a random offset, concatenated (a circular block bootstrap with one
    run per block, which keeps each run's autocorrelation); ``block_length=k`` uses blocks of
-   k snapshots within runs; ``block_length=1`` draws the pooled z i.i.d. (METHOD.md §3 as
-   written; with autocorrelated z it makes h too small, see docs/memorisation.md).
+   k snapshots within runs; ``block_length=1`` draws the pooled z i.i.d. (the method paper's
+   rule, docs/method.md §7.6; with autocorrelated z it makes h too small, see docs/memorisation.md).
 3. The in-control average run length ARL0(h) is estimated by running the recursion on
    those sequences, each ``max_length`` snapshots (default 10 x target; a sequence that never alerts counts as
    censored and ARL0 = total snapshots observed / alerts, the geometric maximum-likelihood
@@ -152,7 +152,7 @@ class _Resampled:
     """Running maxima of max(g+, g-) on resampled z sequences, kept as their records.
 
     The sequences are drawn once (fixed seed): i.i.d. from the pooled z
-    (``block_length=1``, METHOD.md §3 as written), or by a circular block bootstrap
+    (``block_length=1``, the method paper's rule, docs/method.md §7.6), or by a circular block bootstrap
     within the runs (``segments`` given, ``block_length`` > 1 or None = whole runs),
     which keeps the serial dependence of each run's z up to the block length.
 
@@ -527,8 +527,8 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
     each sequence is a concatenation of randomly chosen LOO-standardised runs, each
     rotated by a random offset (circular block bootstrap, one run per block), so the
     serial dependence of real runs (a clean run that stays above the baseline for many
-    snapshots) is kept. ``block_length=1`` resamples the pooled z i.i.d. (METHOD.md §3
-    as written): with autocorrelated z (``lag1_r`` > 0) it makes h too small and real
+    snapshots) is kept. ``block_length=1`` resamples the pooled z i.i.d. (the method
+    paper's rule, docs/method.md §7.6): with autocorrelated z (``lag1_r`` > 0) it makes h too small and real
     runs false-alarm more often than ARL0 says (docs/memorisation.md, tests).
 
     Args:
@@ -554,7 +554,7 @@ def calibrate_threshold(clean_runs, target_arl0, delta=0.5, *, transform=None,
         block_length: None (default): resample whole LOO runs; an int k >= 1: circular
             blocks of k consecutive snapshots within runs (capped at each run's
             length); 1: i.i.d. from the pool.
-        reference_snapshot: None (default: METHOD.md §3), or a snapshot index r: each
+        reference_snapshot: None (default: docs/method.md §7.3), or a snapshot index r: each
             run is scored by T(x_t) - T(x_r) at t > r, its change since its own
             snapshot r (snapshots 0..r are not scored). It removes run-level offsets
             the per-snapshot baseline cannot absorb (docs/memorisation.md).

@@ -1,6 +1,6 @@
 """The two-sided Page-Hinkley (CUSUM) alert rule on standardised trace snapshots.
 
-METHOD.md §3. Each snapshot value x_t is standardised with the clean-run baseline at
+docs/method.md §7. Each snapshot value x_t is standardised with the clean-run baseline at
 that snapshot, z_t = (T(x_t) - mu0_t) / sigma0_t (T is the identity or log), and fed to
 
     g+_t = max(0, g+_{t-1} + z_t - delta),   g-_t = max(0, g-_{t-1} - z_t - delta),
@@ -17,10 +17,10 @@ Contents:
                         runs minus their own value at a reference snapshot.
 
 Transform. ``transform=None`` (the default) standardises the trace itself, exactly as
-METHOD.md writes it, and accepts any real value: the single-pass estimate of a small
+the method paper writes it (docs/method.md §7.6), and accepts any real value: the single-pass estimate of a small
 trace can be negative, and a rule that raised on such a snapshot would stop a fit.
 ``transform="log"`` standardises log(trace) instead; it is the better choice when every
-clean and monitored value is positive and the trace spans decades (TF-NOTES: clean and
+clean and monitored value is positive and the trace spans decades (docs/tensorflow-notes.md §7: clean and
 noisy head traces separate by orders of magnitude), because a per-snapshot mean and
 standard deviation of a few right-skewed runs are dominated by the largest run. A
 non-positive value under ``"log"`` raises ``ValueError``. The transform belongs to the
@@ -166,7 +166,7 @@ def _as_trajectories(trajectories):
 class Baseline:
     """Per-snapshot mean and standard deviation of one group's clean trajectories.
 
-    ``mean[t]`` and ``std[t]`` are mu0_t and sigma0_t of METHOD.md §3 (on the
+    ``mean[t]`` and ``std[t]`` are mu0_t and sigma0_t of docs/method.md §7.3 (on the
     transformed scale), from the ``n_runs[t]`` clean runs that reach snapshot t. With a
     ``reference`` r they describe T(x_t) - T(x_r) and are NaN at snapshots t <= r.
 
@@ -424,7 +424,7 @@ class PageHinkleyResult(NamedTuple):
 class PageHinkley:
     """Two-sided Page-Hinkley / CUSUM detector, standardised by a clean baseline.
 
-    The recursion is METHOD.md §3 exactly (see the module docstring). The k-th call to
+    The recursion is docs/method.md §7.1 exactly (see the module docstring). The k-th call to
     ``update`` (k = 0, 1, ...) is snapshot k and is standardised with the baseline's
     mean and std at index k. The recursion keeps running after an alert: ``alert`` is
     True while the statistic stays above the threshold, ``first_alert`` only once, and
