@@ -79,6 +79,7 @@ def test_density_writes_csv_and_log_plot(saved, capsys):
 
 
 def test_landscape_restores_the_saved_weights(saved, capsys, tmp_path):
+    saved_bytes = (saved / "m.keras").read_bytes()
     out_dir = saved / "land"
     code, out, err = _run(["landscape", str(saved / "m.keras"), *SMALL, "--grid", "3", "--span", "0.1",
                            "--out", str(out_dir)], capsys)
@@ -90,7 +91,12 @@ def test_landscape_restores_the_saved_weights(saved, capsys, tmp_path):
     assert (out_dir / "landscape.png").stat().st_size > 0
     code, out, err = _run(["landscape", str(saved / "m.keras"), *SMALL, "--grid", "3", "--directions", "random1",
                            "--out", str(tmp_path)], capsys)
-    assert code == 0, err and (tmp_path / "landscape.png").exists()
+    assert code == 0, err
+    assert (tmp_path / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+    # The saved model is never rewritten, and the grid's centre is the loss at its weights.
+    assert (saved / "m.keras").read_bytes() == saved_bytes
+    payload = json.loads((tmp_path / "landscape.json").read_text())
+    assert payload["origin_loss"] == pytest.approx(float(np.array(payload["losses"])[1]), rel=1e-6)
 
 
 def test_npz_data_and_a_layout_reshape(saved, capsys, tmp_path):

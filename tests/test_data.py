@@ -22,7 +22,7 @@ from keras_hesstrace.data import (
     symmetric_label_noise,
 )
 
-tfds = pytest.importorskip("tensorflow_datasets")
+import tensorflow_datasets as tfds  # a declared dependency: a missing one must fail, not skip
 
 
 def binomial_interval(n, p, level=0.999):
