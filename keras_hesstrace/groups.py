@@ -80,9 +80,13 @@ def layer_groups(model, by="layer"):
         ValueError: unbuilt model, no trainable variables, an unknown ``by``, a
             pattern dict that matches nothing, or variables not in the model.
 
-    Example:
-        >>> groups = layer_groups(model)                       # doctest: +SKIP
-        >>> stages = layer_groups(model, {"stage1/*": "stage1", "stage2/*": "stage2"})
+    Example (a model with layers "hidden" and "head"):
+        >>> list(layer_groups(model))
+        ['hidden', 'head']
+        >>> [v.name for v in layer_groups(model)["head"]]
+        ['kernel', 'bias']
+        >>> list(layer_groups(model, {"hid*": "body", "head": "head"}))   # stages by path pattern
+        ['body', 'head']
     """
     check_model(model)
     pairs = _layer_variables(model)

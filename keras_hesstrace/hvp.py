@@ -412,9 +412,13 @@ def hvp(model, x, y, vector, loss=None, mode=DEFAULT_MODE, jit_compile=False, st
     Returns:
         list of tensors shaped like ``model.trainable_variables``: H v.
 
-    Example:
-        >>> v = [tf.ones_like(w) for w in model.trainable_variables]   # doctest: +SKIP
+    Example (x [8, 4], y [8] labels, a compiled classifier):
+        >>> v = [tf.ones_like(w) for w in model.trainable_variables]
         >>> hv = keras_hesstrace.hvp(model, x, y, v)
+        >>> [tuple(h.shape) for h in hv] == [tuple(w.shape) for w in model.trainable_variables]
+        True
+        >>> keras_hesstrace.hessian_operator(model).mode   # what mode="auto" chose for this model
+        'forward'
     """
     op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
     hv, loss_value = op.matvec(x, y, vector)

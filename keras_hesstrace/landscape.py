@@ -174,9 +174,11 @@ def loss_landscape(
         :class:`LandscapeResult`.
 
     Example:
-        >>> r = loss_landscape(model, x, y, directions="top2", grid=21, span=0.5)   # doctest: +SKIP
+        >>> r = loss_landscape(model, x, y, directions="top2", grid=5, span=0.5, seed=0, verbose=0)
         >>> r.losses.shape
-        (21, 21)
+        (5, 5)
+        >>> bool(np.isclose(r.losses[2, 2], r.origin_loss))   # the centre is the current weights
+        True
     """
     x, y, _ = resolve_data(x, y, "loss_landscape")
     _, seed = _rng(seed)

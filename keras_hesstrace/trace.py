@@ -182,8 +182,13 @@ def layer_traces(
         non-finite loss or Hessian gives ``result.finite == False`` and a warning.
 
     Example:
-        >>> result = layer_traces(model, x, y, num_probes=10, seed=0)   # doctest: +SKIP
-        >>> result.to_frame()[["trace", "stderr"]]
+        >>> result = layer_traces(model, x, y, num_probes=10, seed=0)
+        >>> result.groups
+        ('hidden', 'head')
+        >>> result.to_frame().columns.tolist()
+        ['trace', 'stderr', 'rel_stderr', 'num_params', 'num_probes']
+        >>> bool(np.isclose(result.trace.sum(), result.total))   # the layers cover the model
+        True
     """
     num_probes = check_integer("num_probes", num_probes)
     check_probe(probe)
