@@ -6,8 +6,12 @@ variables one group, named by its path in the model; a layer called several time
 (weight sharing) is one group, because its variables are the same objects.
 """
 
+from __future__ import annotations
+
 import fnmatch
 from collections import OrderedDict
+
+import keras
 
 import numpy as np
 
@@ -53,7 +57,7 @@ def _layer_variables(model):
     return dedup
 
 
-def layer_groups(model, by="layer"):
+def layer_groups(model: keras.Model, by="layer") -> OrderedDict:
     """Group a model's trainable variables.
 
     Args:

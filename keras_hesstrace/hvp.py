@@ -22,10 +22,13 @@ Two ways to differentiate twice, which give the same vector where both are right
     and on the results.
 """
 
+from __future__ import annotations
+
 import warnings
 
 import numpy as np
 import tensorflow as tf
+import keras
 
 from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace._second_order import exact_moments, patch_available
@@ -46,7 +49,7 @@ _ZERO = tf.UnconnectedGradients.ZERO
 # ------------------------------------------------------------------------ operator
 
 
-def check_mode(mode):
+def check_mode(mode: str) -> None:
     """Raise ValueError unless ``mode`` is one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
@@ -199,7 +202,7 @@ class HessianOperator:
                 stacklevel=3,
             )
 
-    def tracing_count(self):
+    def tracing_count(self) -> int:
         """Total number of traces of this operator's compiled functions (for retrace checks)."""
         return sum(fn.experimental_get_tracing_count() for fn in self._functions.values())
 
@@ -243,13 +246,13 @@ class HessianOperator:
             self._functions[key] = fn
         return fn(shard_batch(strategy, x, y), *args)
 
-    def loss_value(self, x, y):
+    def loss_value(self, x, y) -> tf.Tensor:
         """The scalar loss (data loss + regularisers) on one batch, compiled once."""
         x, y = to_tensors(x, y)
         objective = self.objective
         return self._run("loss", lambda x, y: [objective(x, y)], x, y)[0]
 
-    def matvec(self, x, y, vector):
+    def matvec(self, x, y, vector: list) -> tuple[list[tf.Tensor], tf.Tensor]:
         """Hv on one batch.
 
         Args:
@@ -276,7 +279,7 @@ class HessianOperator:
         hv = [tf.cast(h, d) for h, d in zip(out[:-1], dtypes)]
         return hv, out[-1]
 
-    def resolve_mode(self, x, y):
+    def resolve_mode(self, x, y) -> str:
         """Decide a ``mode="auto"`` operator's mode on this batch (once); return the mode.
 
         One H·v on a fixed random vector in both modes: forward when it runs and agrees
@@ -309,7 +312,7 @@ class HessianOperator:
         self._forward_ran = True
         return out
 
-    def matvec_data(self, data, vector, num_batches=None):
+    def matvec_data(self, data, vector: list, num_batches: int | None = None) -> tuple[list, float]:
         """Hv of the loss over several batches (the full-dataset mode).
 
         Hv is averaged over the batches weighted by batch size, so for batches of a
@@ -369,7 +372,14 @@ class HessianOperator:
 _CACHE_ATTR = "_hesstrace_operators"
 
 
-def hessian_operator(model, loss=None, variable_indices=None, mode=DEFAULT_MODE, jit_compile=False, strategy=None):
+def hessian_operator(
+    model: keras.Model,
+    loss=None,
+    variable_indices: tuple[int, ...] | None = None,
+    mode: str = DEFAULT_MODE,
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> HessianOperator:
     """The cached :class:`HessianOperator` for these settings (built on first use).
 
     ``strategy``: a ``tf.distribute.Strategy`` (default: the one the model was built
@@ -393,7 +403,16 @@ def hessian_operator(model, loss=None, variable_indices=None, mode=DEFAULT_MODE,
     return op
 
 
-def hvp(model, x, y, vector, loss=None, mode=DEFAULT_MODE, jit_compile=False, strategy=None):
+def hvp(
+    model: keras.Model,
+    x,
+    y,
+    vector: list,
+    loss=None,
+    mode: str = DEFAULT_MODE,
+    jit_compile: bool = False,
+    strategy: tf.distribute.Strategy | None = None,
+) -> list[tf.Tensor]:
     """Hessian-vector product H v of the model's loss on one batch.
 
     Args:

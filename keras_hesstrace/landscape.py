@@ -11,6 +11,8 @@ The model's weights are changed in place while the grid is evaluated and restore
 bit-identically afterwards, also when an error or KeyboardInterrupt interrupts it.
 """
 
+from __future__ import annotations
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -140,9 +142,10 @@ class _LossEvaluator:
 
 
 def loss_landscape(
-    model, x, y=None, directions="top2", grid=21, span=1.0, loss=None, groups=None, by="layer", seed=None,
-    num_batches=None, ignore_1d=True, eigen_kwargs=None, verbose="auto", mode=DEFAULT_MODE,
-):
+    model: keras.Model, x, y=None, directions: str = "top2", grid: int = 21, span: float = 1.0, loss=None,
+    groups=None, by="layer", seed: int | None = None, num_batches: int | None = None, ignore_1d: bool = True,
+    eigen_kwargs: dict | None = None, verbose: int | str = "auto", mode: str = DEFAULT_MODE,
+) -> LandscapeResult:
     """The loss on a 1-D or 2-D grid along two directions through the current weights.
 
     Args:

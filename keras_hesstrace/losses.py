@@ -13,6 +13,8 @@ the weights; this module builds a private copy of it whose losses compute in the
 model's dtype, so the model's own container (and its loss metrics) are left alone.
 """
 
+from __future__ import annotations
+
 import copy
 import re
 
@@ -42,7 +44,7 @@ class FunctionLoss(keras.losses.Loss):
         return self.fn(y_true, y_pred)
 
 
-def loss_dtype(model):
+def loss_dtype(model: keras.Model) -> str:
     """float64 for float64 models, else float32 (also under mixed precision)."""
     return "float64" if any(v.dtype == "float64" for v in model.trainable_variables) else "float32"
 
@@ -85,7 +87,7 @@ def _container(model, losses, loss_weights, dtype):
     return container
 
 
-def resolve_loss(model, loss=None):
+def resolve_loss(model: keras.Model, loss=None) -> keras.losses.Loss:
     """The data-loss function ``(y_true, y_pred) -> scalar`` used for the Hessian.
 
     Args:
@@ -123,7 +125,7 @@ def loss_key(model, loss):
     return ("given", loss if isinstance(loss, str) else id(loss))
 
 
-def make_objective(model, loss=None):
+def make_objective(model: keras.Model, loss=None):
     """The scalar objective ``(x, y) -> L`` (data loss + regularisation losses).
 
     Equals ``model.compute_loss(x, y, model(x, training=False))`` in the model's dtype.

@@ -5,6 +5,8 @@ and s_l = <v_l, u_l> for every group l: E[s_l] = tr(H_ll) because the blocks of 
 independent. M probes cost M HVPs for all groups together (docs/method.md §2).
 """
 
+from __future__ import annotations
+
 import warnings
 from dataclasses import dataclass
 
@@ -51,30 +53,30 @@ class TraceResult:
     mode: str = "reverse"
 
     @property
-    def num_probes(self):
+    def num_probes(self) -> int:
         return int(self.samples.shape[0])
 
     @property
-    def trace(self):
+    def trace(self) -> np.ndarray:
         """float64 [G]: the estimate of tr(H_ll), the mean of the samples."""
         return self.samples.mean(axis=0)
 
     @property
-    def stderr(self):
+    def stderr(self) -> np.ndarray:
         """float64 [G]: the sample standard error of the mean over probes (NaN for M < 2)."""
         return _stderr(self.samples)
 
     @property
-    def total(self):
+    def total(self) -> float:
         """The estimate of the full trace tr(H)."""
         return float(self.total_samples.mean())
 
     @property
-    def total_stderr(self):
+    def total_stderr(self) -> float:
         return float(_stderr(self.total_samples[:, None])[0])
 
     @property
-    def finite(self):
+    def finite(self) -> bool:
         """False when the loss or any sample is NaN or infinite: then the numbers mean nothing."""
         return bool(np.isfinite(self.loss) and np.all(np.isfinite(self.samples)) and np.all(np.isfinite(self.total_samples)))
 
@@ -85,7 +87,7 @@ class TraceResult:
         except ValueError:
             raise KeyError(f"No group {group!r}; groups are {list(self.groups)}") from None
 
-    def to_frame(self):
+    def to_frame(self) -> pd.DataFrame:
         """A pandas DataFrame indexed by group: trace, stderr, rel_stderr, num_params, num_probes."""
         trace, err = self.trace, self.stderr
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -125,22 +127,22 @@ def _progbar(total, verbose):
 
 
 def layer_traces(
-    model,
+    model: keras.Model,
     x,
     y=None,
-    num_probes=10,
+    num_probes: int = 10,
     groups="layer",
-    seed=None,
-    probe="rademacher",
+    seed: int | None = None,
+    probe: str = "rademacher",
     loss=None,
-    num_batches=None,
-    mode=DEFAULT_MODE,
-    jit_compile=False,
-    verbose="auto",
-    strategy=None,
-    probes_per_call=1,
-    max_batch_size=None,
-):
+    num_batches: int | None = None,
+    mode: str = DEFAULT_MODE,
+    jit_compile: bool = False,
+    verbose: int | str = "auto",
+    strategy: tf.distribute.Strategy | None = None,
+    probes_per_call: int = 1,
+    max_batch_size: int | None = None,
+) -> TraceResult:
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
     Args:
