@@ -26,40 +26,41 @@ import numpy as np
 
 
 def _trajectories(config, out, cell, specs, group):
-    from keras_hesstrace.experiments import memorisation as mem
+    from keras_hesstrace.experiments.scoring import rule_values
+    from keras_hesstrace.experiments.storage import read_trajectory
 
     runs = []
     for spec in specs:
         run_dir = os.path.join(out, cell, "runs", spec.run_id)
         with open(os.path.join(run_dir, "result.json"), encoding="utf-8") as f:
             spe = json.load(f)["steps_per_epoch"]
-        steps, raw = mem.read_trajectory(os.path.join(run_dir, "traces.csv"), group)
-        runs.append((steps / spe, mem.rule_values(config, raw)))
+        steps, raw = read_trajectory(os.path.join(run_dir, "traces.csv"), group)
+        runs.append((steps / spe, rule_values(config, raw)))
     return runs
 
 
 def _first_alert_epoch(cal, group, epochs, values):
-    from keras_hesstrace.experiments import memorisation as mem
+    from keras_hesstrace.experiments.scoring import score_trajectory
 
-    _, alert = mem.score_trajectory(cal, group, range(len(values)), values)
+    _, alert = score_trajectory(cal, group, range(len(values)), values)
     return None if alert is None else float(epochs[alert])
 
 
 def rescore(out, group=None, reference="config", block_length=None, target_arl0=None):
     """Lines of text: the rule re-applied to a finished experiment's CSVs (see the module)."""
-    from keras_hesstrace.experiments import memorisation as mem
+    from keras_hesstrace.experiments.config import ExperimentConfig, cells, run_specs
     from keras_hesstrace.monitor import calibrate_threshold
 
     with open(os.path.join(out, "config.json"), encoding="utf-8") as f:
-        config = mem.ExperimentConfig.from_dict(json.load(f))
+        config = ExperimentConfig.from_dict(json.load(f))
     group = config.monitor[0] if group is None else group
     ref = config.reference_snapshot if reference == "config" else reference
     arl0 = config.target_arl0 if target_arl0 is None else target_arl0
     lines = [f"{out}: group {group!r}, reference snapshot {ref}, target ARL0 {arl0:g}, "
              f"{'whole runs' if block_length is None else f'blocks of {block_length}'}"]
-    for arch, dataset in mem.cells(config):
+    for arch, dataset in cells(config):
         cell = f"{arch}-{dataset}"
-        phase1, phase2 = mem.run_specs(config, arch, dataset)
+        phase1, phase2 = run_specs(config, arch, dataset)
         calib = _trajectories(config, out, cell, phase1, group)
         heldout = _trajectories(config, out, cell, [s for s in phase2 if s.role == "clean"], group)
         noisy = {}

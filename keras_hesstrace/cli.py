@@ -50,7 +50,7 @@ def _experiment(args):
     import dataclasses
     import json
 
-    from keras_hesstrace.experiments import memorisation as mem
+    from keras_hesstrace import experiments as mem
 
     settings = {}
     if args.config:
@@ -399,7 +399,7 @@ def build_parser():
     land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
     land.set_defaults(func=_landscape)
 
-    from keras_hesstrace.experiments import memorisation as mem
+    from keras_hesstrace import experiments as mem
 
     exp = sub.add_parser(
         "experiment",

@@ -9,8 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from keras_hesstrace.experiments import memorisation as mem
 from keras_hesstrace.experiments import plan, preset, run_experiment
+from keras_hesstrace.experiments.config import ExperimentConfig, run_specs
+from keras_hesstrace.experiments.report import DETECTION_COLUMNS, SUMMARY_COLUMNS, summarize
+from keras_hesstrace.experiments.scoring import calibrate_cell, detections, rule_values
+from keras_hesstrace.experiments.storage import read_trajectory, truncate_csv
 from keras_hesstrace.monitor import Calibration
 
 TINY = dict()  # the "tiny" preset: 3 calibration + 1 held-out clean + 1 noisy run, 2 epochs
@@ -58,7 +61,7 @@ def test_every_run_finished_with_its_files(finished):
 def test_summary_detections_calibration_and_plots_schema(finished):
     config, out, frame = finished
     summary = pd.read_csv(out / "summary.csv")
-    assert list(summary.columns) == mem.SUMMARY_COLUMNS
+    assert list(summary.columns) == SUMMARY_COLUMNS
     assert summary["noise_rate"].tolist() == [0.0, 0.6]
     assert summary["runs_source"].tolist() == ["heldout", "noisy"]
     assert (summary["n_runs"] == 1).all()
@@ -67,7 +70,7 @@ def test_summary_detections_calibration_and_plots_schema(finished):
     pd.testing.assert_frame_equal(frame.reset_index(drop=True), summary, check_dtype=False)
 
     det = pd.read_csv(out / "detections.csv")
-    assert list(det.columns) == mem.DETECTION_COLUMNS
+    assert list(det.columns) == DETECTION_COLUMNS
     assert len(det) == 5 and set(det["role"]) == {"calibration", "clean", "noisy"}
     assert set(det["alert"]) <= {0, 1}
     alerted = det[det["alert"] == 1]
@@ -168,7 +171,7 @@ def test_resume_mid_run_matches_the_uninterrupted_run(finished, tmp_path, capsys
 def test_truncate_keeps_complete_rows_up_to_the_checkpoint(tmp_path):
     p = tmp_path / "t.csv"
     p.write_text("step,epoch,group\n0,0,a\n4,0,a\n8,1,a\n12,1,a\n16,1")
-    assert mem._truncate_csv(str(p), 8) == 3
+    assert truncate_csv(str(p), 8) == 3
     assert p.read_text() == "step,epoch,group\n0,0,a\n4,0,a\n8,1,a\n"
     with open(p, newline="") as f:
         assert len(list(csv.reader(f))) == 4
@@ -186,10 +189,10 @@ def test_config_presets_files_and_plan(tmp_path):
     assert pp["runs"] == 6 * (10 + 10 + 3 * 10) and pp["cells"][0]["steps_per_epoch"] == 391
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"preset": "tiny", "epochs": 3, "noise_rates": [0.4, 0.8]}))
-    c = mem.ExperimentConfig.from_file(f)
+    c = ExperimentConfig.from_file(f)
     assert c.epochs == 3 and c.noise_rates == [0.4, 0.8] and c.calibration_runs == 3
     with pytest.raises(ValueError, match="unknown config keys"):
-        mem.ExperimentConfig.from_dict({"epoch": 3})
+        ExperimentConfig.from_dict({"epoch": 3})
     with pytest.raises(ValueError, match="calibration_runs"):
         preset("tiny", calibration_runs=2)
     with pytest.raises(ValueError, match="noisy rates"):
@@ -220,15 +223,15 @@ def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, t
     copy = tmp_path / "ref"
     shutil.copytree(out, copy)  # the same runs, re-scored: no retraining
     ref = dataclasses.replace(config, monitor=["total", "head"], reference_snapshot=1).validate()
-    cal = mem.calibrate_cell(ref, copy, "small_cnn", "digits")
+    cal = calibrate_cell(ref, copy, "small_cnn", "digits")
     assert cal.reference_snapshot == 1 and cal["total"].baseline.first_scored == 2
-    phase1, _ = mem.run_specs(ref, "small_cnn", "digits")
-    raw = np.array([mem.rule_values(ref, mem.read_trajectory(
+    phase1, _ = run_specs(ref, "small_cnn", "digits")
+    raw = np.array([rule_values(ref, read_trajectory(
         copy / "small_cnn-digits" / "runs" / s.run_id / "traces.csv", "total")[1]) for s in phase1])
     manual = calibrate_threshold(np.log(raw[:, 2:]) - np.log(raw[:, 1:2]), ref.target_arl0,
                                  ref.delta, n_resamples=ref.n_resamples, seed=0)
     assert cal["total"].threshold == manual.threshold
-    records = mem.detections(ref, copy, "small_cnn", "digits", cal)
+    records = detections(ref, copy, "small_cnn", "digits", cal)
     assert len(records) == 2 * 5
     for rec in records:
         v = rec["_values"]
@@ -237,7 +240,7 @@ def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, t
         if rec["role"] != "calibration":
             assert (rec["_statistic"][:2] == 0).all()   # snapshots 0, 1 are not scored
         assert rec["alert_snapshot"] is None or rec["alert_snapshot"] >= 2
-    mem.summarize(ref, copy, progress=False)
+    summarize(ref, copy, progress=False)
     md = (copy / "summary.md").read_text()
     assert "log trace minus the run's own value at snapshot 1" in md
     assert (copy / "plots" / "small_cnn-digits-total-trajectories.png").stat().st_size > 10_000

@@ -6,16 +6,19 @@ Public API:
     summarize(config, out)                 the Table-1 summary and plots from finished runs
     plan(config)                           runs, optimiser steps and HVPs the config costs
     run_demo(out, ...)                     the README's offline demo on the bundled digits
+
+Modules of the memorisation experiment:
+    config      ExperimentConfig, the presets, the run grid (RunSpec, run_specs, plan)
+    storage     the output folder: layout, atomic writes, checkpoints, the trace CSVs
+    training    one run: its data, model, training with the trace callback, resuming
+    scoring     the alert rule on the stored trajectories: calibration, detections
+    report      summary.csv / summary.md / detections.csv and the plots
+    runner      run_experiment: the protocol, run by run, resumable
 """
 
-from keras_hesstrace.experiments.memorisation import (
-    PRESETS,
-    ExperimentConfig,
-    plan,
-    preset,
-    run_experiment,
-    summarize,
-)
+from keras_hesstrace.experiments.config import PRESETS, ExperimentConfig, plan, preset
+from keras_hesstrace.experiments.report import summarize
+from keras_hesstrace.experiments.runner import run_experiment
 from keras_hesstrace.experiments.demo import run_demo
 
 __all__ = ["ExperimentConfig", "PRESETS", "preset", "plan", "run_experiment", "summarize",

@@ -3,8 +3,9 @@
 Everything runs on scikit-learn's bundled 8x8 digits with the small CNN, so it needs no
 download and no GPU: ``keras-hesstrace demo`` (3.5 minutes measured on 2 shared CPU cores at the
 defaults). It is the memorisation experiment in miniature, built from the same pieces
-(:mod:`keras_hesstrace.experiments.memorisation`), with the alert raised online by
-:class:`~keras_hesstrace.monitor.HessianTraceCallback` during the noisy run's ``fit``.
+(:mod:`keras_hesstrace.experiments.runner` and the modules it uses), with the alert raised
+online by :class:`~keras_hesstrace.monitor.HessianTraceCallback` during the noisy run's
+``fit``.
 """
 
 import os
@@ -12,13 +13,16 @@ import sys
 
 import numpy as np
 
-from keras_hesstrace.experiments import memorisation as mem
+from keras_hesstrace.experiments.config import ExperimentConfig, cells, run_specs
+from keras_hesstrace.experiments.scoring import calibrate_cell
+from keras_hesstrace.experiments.storage import check_config, read_trajectory, run_folder
+from keras_hesstrace.experiments.training import train_run
 
 
 def demo_config(epochs=10, clean_runs=4, noise_rate=0.4, every_n_steps=22, num_probes=10,
                 train_examples=None, probe_batch_size=256, target_arl0=250.0):
     """The demo's ``ExperimentConfig``: ``clean_runs`` calibration runs, one noisy run."""
-    return mem.ExperimentConfig(
+    return ExperimentConfig(
         name="demo", archs=["small_cnn"], datasets=["digits"], noise_rates=[noise_rate],
         calibration_runs=clean_runs, heldout_clean_runs=0, noisy_runs=1, epochs=epochs,
         batch_size=32, learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
@@ -72,9 +76,9 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
     config = demo_config(epochs, clean_runs, noise_rate, every_n_steps, num_probes,
                          train_examples, probe_batch_size)
     out = os.fspath(out)
-    mem._check_config(out, config)
-    (arch, dataset), = mem.cells(config)
-    phase1, phase2 = mem.run_specs(config, arch, dataset)
+    check_config(out, config)
+    (arch, dataset), = cells(config)
+    phase1, phase2 = run_specs(config, arch, dataset)
     noisy = phase2[0]
     tb_root = os.path.join(out, "tensorboard")
     say(f"keras-hesstrace demo: a small CNN on scikit-learn's bundled 8x8 digits, "
@@ -83,9 +87,9 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
     say(f"Phase I: {clean_runs} clean-label runs give the baseline and the alert threshold.")
     for i, spec in enumerate(phase1, 1):
         say(f"[{i}/{clean_runs + 1}] clean run, seed {spec.seed}")
-        mem.train_run(config, spec, mem._run_dir(out, spec),
-                      log_dir=os.path.join(tb_root, spec.run_id), prefix="    ")
-    cal = mem.calibrate_cell(config, out, arch, dataset)
+        train_run(config, spec, run_folder(out, spec),
+                  log_dir=os.path.join(tb_root, spec.run_id), prefix="    ")
+    cal = calibrate_cell(config, out, arch, dataset)
     r = cal["head"]
     say(f"Calibrated: h = {r.threshold:.2f} for an in-control run length of "
         f"{config.target_arl0:g} snapshots (expected false-alarm probability per run "
@@ -93,10 +97,10 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
     say(f"Phase II: [{clean_runs + 1}/{clean_runs + 1}] a run with {noise_rate:.0%} of the "
         "training labels corrupted, watched live by HessianTraceCallback:")
     detector = {"head": _floored_detector(cal, "head", config.log_floor)}
-    res = mem.train_run(config, noisy, mem._run_dir(out, noisy), detector=detector,
-                        log_dir=os.path.join(tb_root, noisy.run_id), prefix="    ")
+    res = train_run(config, noisy, run_folder(out, noisy), detector=detector,
+                    log_dir=os.path.join(tb_root, noisy.run_id), prefix="    ")
 
-    csv_path = os.path.join(mem._run_dir(out, noisy), "traces.csv")
+    csv_path = os.path.join(run_folder(out, noisy), "traces.csv")
     frame = pd.read_csv(csv_path)
     spe = res["steps_per_epoch"]
     wide = frame.pivot(index="step", columns="group", values="trace")
@@ -158,8 +162,8 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
     axes = fig.subplots(3, 1, sharex=True)
     ax = axes[0]
     for i, spec in enumerate(phase1):
-        steps, values = mem.read_trajectory(
-            os.path.join(mem._run_dir(out, spec), "traces.csv"), "head")
+        steps, values = read_trajectory(
+            os.path.join(run_folder(out, spec), "traces.csv"), "head")
         ax.plot(steps / spe, values, color="tab:blue", lw=1, alpha=0.7,
                 label="clean runs (calibration)" if i == 0 else None)
     head = frame[frame["group"] == "head"].sort_values("step")
@@ -189,7 +193,7 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
     ax.grid(True, alpha=0.3)
 
     ax = axes[2]
-    clean = pd.read_csv(os.path.join(mem._run_dir(out, phase1[0]), "traces.csv"))
+    clean = pd.read_csv(os.path.join(run_folder(out, phase1[0]), "traces.csv"))
     colours = matplotlib.colormaps["tab10"]
     for k, g in enumerate(dict.fromkeys(frame["group"])):
         f = frame[frame["group"] == g].sort_values("step")

@@ -1,0 +1,121 @@
+"""The memorisation experiment (docs/method.md §8, the method paper's §5) as a resumable runner.
+
+For every cell (architecture x dataset) of the config:
+
+* Phase I: ``calibration_runs`` clean runs (eta = 0) record the layer-wise traces every
+  ``every_n_steps`` optimiser steps with :class:`HessianTraceCallback` on a fixed batch of
+  ``probe_batch_size`` training examples (their labels as trained on); the monitored
+  groups' trajectories give the baseline and the calibrated threshold h
+  (:func:`calibrate_threshold`: leave-one-out z, whole runs resampled so that their
+  autocorrelation is kept; with ``reference_snapshot`` each run is scored by its change
+  since its own snapshot r), saved to ``<cell>/calibration.json``.
+* Phase II: ``noisy_runs`` runs at every rate in ``noise_rates`` and
+  ``heldout_clean_runs`` clean runs that were not used for calibration (the false-alarm
+  estimate). Each trajectory is run through the calibrated Page-Hinkley rule (the same
+  recursion the callback runs online; done here from the CSV so that a resumed run and
+  an uninterrupted one are scored identically).
+* Summary: ``summary.csv`` / ``summary.md`` (Table 1 of the paper: detection epoch mean
+  +- sd, alert rate with its Wilson interval, h, Cohen's d with a bootstrap interval,
+  clean test accuracy), ``detections.csv`` (one row per run and group) and PNG plots.
+
+Files: the layout of ``out`` is in :mod:`keras_hesstrace.experiments.storage`; one run is
+trained by :mod:`~keras_hesstrace.experiments.training`, scored by
+:mod:`~keras_hesstrace.experiments.scoring` and reported by
+:mod:`~keras_hesstrace.experiments.report`; the settings and the grid are
+:mod:`~keras_hesstrace.experiments.config`.
+
+Resuming: a run with ``result.json`` is never redone. A run without it restarts from its
+last epoch checkpoint (weights, optimiser slots and step counter, all written by one
+atomic rename), its CSV cut back to the checkpoint's step, so nothing a killed process
+half-wrote is ever read; the per-epoch data order and the probe seeds are functions of
+(seed, epoch) and (seed, step), so a resumed run repeats what an uninterrupted one does.
+"""
+
+import os
+import time
+
+import numpy as np
+
+from keras_hesstrace.experiments.config import cells, run_specs
+from keras_hesstrace.experiments.report import summarize
+from keras_hesstrace.experiments.scoring import calibrate_cell
+from keras_hesstrace.experiments.storage import check_config, log, run_folder
+from keras_hesstrace.experiments.training import train_run
+
+
+def run_experiment(config, out, *, callbacks_for=None, progress=True, summary=True):
+    """Run (or resume) the whole experiment into ``out``; return the summary frame.
+
+    Args:
+        config: ``ExperimentConfig`` (validated here).
+        out: output folder; a rerun with the same config resumes, another config is refused.
+        callbacks_for: optional ``f(spec) -> list`` of extra Keras callbacks per run.
+        progress: print progress lines.
+        summary: write the summary and plots at the end.
+
+    Returns:
+        pandas DataFrame of the summary (None when ``summary=False``).
+    """
+    config.validate()
+    out = os.fspath(out)
+    check_config(out, config)
+    all_specs = []
+    for arch, dataset in cells(config):
+        p1, p2 = run_specs(config, arch, dataset)
+        all_specs += p1 + p2
+    total = len(all_specs)
+    done_before = sum(os.path.exists(os.path.join(run_folder(out, s), "result.json"))
+                      for s in all_specs)
+    if progress:
+        log(f"experiment {config.name!r}: {total} runs in {len(cells(config))} cell(s), "
+             f"{done_before} already done; output in {out}")
+    t_start = time.perf_counter()
+    fresh_times = []
+    k = 0
+
+    def do(spec):
+        nonlocal k
+        k += 1
+        run_dir = run_folder(out, spec)
+        tag = f"[{k}/{total}] {spec.cell} {spec.role} eta={spec.noise_rate:.2f} seed={spec.seed}"
+        if os.path.exists(os.path.join(run_dir, "result.json")):
+            if progress:
+                log(f"{tag}: done before, skipped")
+            return
+        if progress:
+            log(f"{tag}: training")
+        t = time.perf_counter()
+        log_dir = (os.path.join(out, "tensorboard", spec.cell, spec.run_id)
+                   if config.tensorboard else None)
+        res = train_run(config, spec, run_dir, log_dir=log_dir,
+                        callbacks=callbacks_for(spec) if callbacks_for else (),
+                        progress=progress, prefix="    ")
+        fresh_times.append(time.perf_counter() - t)
+        if progress:
+            left = sum(not os.path.exists(os.path.join(run_folder(out, s), "result.json"))
+                       for s in all_specs)
+            eta = left * float(np.mean(fresh_times))
+            log(f"{tag}: done in {fresh_times[-1]:.0f} s, test acc "
+                 f"{res['test_accuracy']:.3f}, train acc {res['train_accuracy']:.3f}; "
+                 f"{left} runs left, about {eta / 60:.1f} min")
+
+    for arch, dataset in cells(config):
+        p1, p2 = run_specs(config, arch, dataset)
+        for spec in p1:
+            do(spec)
+        cal = calibrate_cell(config, out, arch, dataset)
+        if progress:
+            for g in config.monitor:
+                r = cal[g]
+                log(f"calibrated {arch}-{dataset} group {g!r}: h = {r.threshold:.3f} for "
+                     f"ARL0 = {config.target_arl0:g} snapshots (expected false-alarm "
+                     f"probability per run {r.false_alarm_prob:.3f}; LOO false alarms "
+                     f"{r.loo_false_alarms}/{r.n_runs}; lag-1 r = {r.lag1_r:.2f})")
+        for spec in p2:
+            do(spec)
+    if progress:
+        log(f"all {total} runs done ({(time.perf_counter() - t_start) / 60:.1f} min this "
+             "session)")
+    if not summary:
+        return None
+    return summarize(config, out, progress=progress)

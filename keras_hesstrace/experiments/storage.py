@@ -1,0 +1,152 @@
+"""The experiment's folder on disk: its layout, atomic writes, checkpoints and the trace CSVs.
+
+Layout of ``out``::
+
+    config.json                         the resolved config (a rerun must match it)
+    <arch>-<dataset>/runs/<run_id>/traces.csv     the callback's trajectory CSV
+    <arch>-<dataset>/runs/<run_id>/result.json    written last, by atomic rename: "done"
+    <arch>-<dataset>/runs/<run_id>/checkpoint.npz  weights + optimiser state, each epoch
+    <arch>-<dataset>/calibration.json
+    summary.csv, summary.md, detections.csv, plots/*.png
+
+Every file is written to a temporary name and renamed into place, so a killed process
+never leaves a half-written one; a CSV the callback appends to is cut back to a
+checkpoint's step on resume (:func:`truncate_csv`, which drops a torn last line).
+"""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+
+
+def log(msg, stream=None):
+    """Print one progress line, flushed (stdout unless ``stream``)."""
+    print(msg, file=stream or sys.stdout, flush=True)
+
+
+# ------------------------------------------------------------------------ atomic files
+
+
+def atomic_write_text(path, text):
+    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    """``obj`` as indented JSON, atomically (NaN allowed)."""
+    atomic_write_text(path, json.dumps(obj, indent=1, allow_nan=True) + "\n")
+
+
+def save_checkpoint(path, model, meta):
+    """Weights, optimiser variables and ``meta`` (a JSON-able dict) in one atomic ``.npz``."""
+    arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
+    arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
+    arrays["meta"] = np.array(json.dumps(meta))
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model):
+    """Restore what ``save_checkpoint`` wrote into the compiled ``model``; return its meta."""
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        weights = [z[f"w{i}"] for i in range(sum(k.startswith("w") for k in z.files))]
+        opt = [z[f"o{i}"] for i in range(sum(k.startswith("o") for k in z.files))]
+    model.set_weights(weights)
+    optimizer = model.optimizer
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    if len(opt) != len(optimizer.variables):
+        raise ValueError(f"checkpoint {path} holds {len(opt)} optimiser variables, the "
+                         f"optimiser has {len(optimizer.variables)}: not this config's run.")
+    for v, a in zip(optimizer.variables, opt):
+        v.assign(a)
+    return meta
+
+
+def truncate_csv(path, last_step):
+    """Keep the header and the complete rows with step <= last_step (atomically)."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete = lines[:-1]  # the text after the last newline is a half-written row
+    if not complete:
+        os.remove(path)
+        return 0
+    header = next(csv.reader([complete[0]]))
+    kept = [complete[0]]
+    for line in complete[1:]:
+        row = next(csv.reader([line]), None)
+        if row and len(row) == len(header) and int(row[0]) <= last_step:
+            kept.append(line)
+    atomic_write_text(path, "\n".join(kept) + "\n")
+    return len(kept) - 1
+
+
+def count_snapshots(csv_path):
+    """The number of distinct steps (snapshots) in a callback CSV; 0 if there is none."""
+    if not os.path.exists(csv_path):
+        return 0
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    return len({r[0] for r in rows[1:] if r})
+
+
+def read_trajectory(csv_path, group):
+    """The ``group``'s rows of a callback CSV in step order: (steps int [T], traces [T])."""
+    import pandas as pd
+
+    frame = pd.read_csv(csv_path)
+    frame = frame[frame["group"] == group].sort_values("step")
+    if frame.empty:
+        raise ValueError(f"{csv_path}: no rows for group {group!r}.")
+    return frame["step"].to_numpy(np.int64), frame["trace"].to_numpy(np.float64)
+
+
+# ------------------------------------------------------------------ the run folders
+
+
+def check_config(out, config):
+    """Refuse an ``out`` that holds another config's results; write ``config.json`` if new."""
+    path = os.path.join(out, "config.json")
+    current = config.to_dict()
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(
+                f"{out!r} holds results of another config (differs in {diff}). Use another "
+                "--out, or the same settings to resume."
+            )
+    else:
+        os.makedirs(out, exist_ok=True)
+        atomic_write_json(path, current)
+
+
+def run_folder(out, spec):
+    """The folder of the run ``spec`` (a ``RunSpec``) under ``out``."""
+    return os.path.join(out, spec.cell, "runs", spec.run_id)
+
+
+def load_result(out, spec):
+    """The run's ``result.json`` as a dict, or None while the run is not finished."""
+    path = os.path.join(run_folder(out, spec), "result.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
