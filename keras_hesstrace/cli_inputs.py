@@ -10,28 +10,14 @@ import os
 import re
 import sys
 
+from keras_hesstrace.errors import error_summary
+
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2, no traceback."""
 
 
-def first_line(err):
-    """The line of an exception's message that says what went wrong: its first non-empty line.
-
-    An error raised while TensorFlow traced a function begins "in user code:" and a stack,
-    one raised while it ran a graph "Graph execution error:" and a stack; then the last
-    line that is not stack or node detail says what failed. The type name when the
-    message is empty.
-    """
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    if not lines:
-        return type(err).__name__
-    if lines[0].startswith(("in user code:", "Graph execution error:")) and len(lines) > 1:
-        detail = [line for line in lines[1:] if not line.startswith(("[[", "File ", "Detected at node"))]
-        last = re.sub(r"\s*\[Op:[^\]]*\]$", "", detail[-1] if detail else lines[-1])
-        prefix = f"{type(err).__name__}: "
-        return last[len(prefix):] if last.startswith(prefix) else last
-    return lines[0]
+first_line = error_summary  # the CLI's name for it
 
 
 # ======================================================================= --import
@@ -200,22 +186,21 @@ def load_tfds_data(name, split, num_examples, data_dir=None):
     tfds.load would retry for minutes) is a clear CLIError at once. Images are scaled to
     float32 in [0, 1].
     """
+    import tensorflow_datasets as tfds
+
+    from keras_hesstrace.data.loaders import DatasetNotPreparedError, prepared_dataset
+
     try:
-        import tensorflow_datasets as tfds
-    except ImportError as err:
-        raise CLIError(f"--data {name}: tensorflow-datasets is not installed ({err}).") from None
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        _, ds = prepared_dataset(name, split, data_dir)
+    except DatasetNotPreparedError as err:
+        raise CLIError(
+            f"--data {name}: {first_line(err)} Prepare it once on a machine with internet "
+            f"(tfds.builder({name!r}).download_and_prepare()) and pass --data-dir, or use --data digits "
+            "or an .npz file."
+        ) from None
     except Exception as err:  # DatasetNotFoundError and friends: the message names the problem
         raise CLIError(f"--data {name}: not 'digits', not an .npz file, and not a known tfds dataset ({first_line(err)}).") from None
-    if not builder.is_prepared():
-        raise CLIError(
-            f"--data {name}: the tfds dataset is not prepared under {builder.data_dir_root}; "
-            f"prepare it once on a machine with internet (tfds.builder({name!r}).download_and_prepare()) "
-            "and pass --data-dir, or use --data digits or an .npz file."
-        )
     take = None if num_examples is None else int(num_examples)
-    ds = builder.as_dataset(split=split, as_supervised=True)
     if take is not None:
         ds = ds.take(take)
     xs, ys = [], []

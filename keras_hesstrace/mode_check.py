@@ -7,13 +7,14 @@ Reverse-over-reverse is right on every layer Keras ships. The check computes one
 in both modes on a fixed random vector when an operator first sees a batch.
 """
 
-import re
 import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
+
+from keras_hesstrace.errors import error_summary
 
 # The agreement bound, relative to |Hv|: round-off of two differently ordered
 # computations in the dtype, far below the 50-70 % error seen on grouped convolutions.
@@ -60,24 +61,8 @@ def forward_unsafe_layers(model):
 
 def forward_fallback(err):
     """The :class:`ModeCheck` of an explicit mode="forward" that failed and fell back to reverse."""
-    return ModeCheck("reverse", f"forward mode failed ({_last_line(err)[:200]})", float("nan"), float("nan"), 0.0)
-
-
-def _last_line(err):
-    """An exception's type and the line that says what went wrong.
-
-    TensorFlow's messages start with "in user code:" and a stack; Keras's add "Exception
-    encountered when calling ..." and the arguments received: the cause is the first
-    remaining line that names an error (with the next one when it ends in a colon).
-    """
-    noise = ("in user code", "File ", "raise ", "return ", "Exception encountered", "Arguments received", "•")
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).splitlines()]
-    lines = [line for line in lines if line and not line.startswith(noise) and not line.endswith(("*", "**"))
-             and "Exception encountered" not in line]
-    errors = [i for i, line in enumerate(lines) if "rror" in line]
-    i = errors[0] if errors else len(lines) - 1
-    text = " ".join(lines[i:i + 2]) if 0 <= i < len(lines) - 1 and lines[i].endswith(":") else (lines[i] if lines else "")
-    return f"{type(err).__name__}: {text}"
+    cause = f"{type(err).__name__}: {error_summary(err)}"
+    return ModeCheck("reverse", f"forward mode failed ({cause[:200]})", float("nan"), float("nan"), 0.0)
 
 
 def _layer_of_variable(model):
@@ -109,7 +94,7 @@ def check_modes(op, x, y):
         forward, _ = op._matvec_in("forward", x, y, vector)
         failure = None
     except Exception as err:  # noqa: BLE001 - any failure of forward mode means: use reverse
-        forward, failure = None, _last_line(err)
+        forward, failure = None, f"{type(err).__name__}: {error_summary(err)}"
     reverse, _ = op._matvec_in("reverse", x, y, vector)
     rev = [np.asarray(h, dtype=np.float64) for h in reverse]
     if failure is not None:

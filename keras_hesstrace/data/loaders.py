@@ -164,6 +164,39 @@ def _not_prepared_message(name, builder_dir, data_dir):
     )
 
 
+def prepared_dataset(name, split, data_dir=None):
+    """A tensorflow-datasets split as a ``tf.data.Dataset`` of (image, label), never downloaded.
+
+    The one place the package reads tfds: building the builder object reads no data and
+    touches no network (the dataset is defined in tfds's code); ``as_dataset`` fails fast
+    when the files are missing, while ``tfds.load`` would try to download and, offline,
+    hang for minutes.
+
+    Args:
+        name: a tfds dataset name (``"cifar10"``).
+        split: a tfds split (``"train"``, ``"test[:512]"``).
+        data_dir: the tfds data directory; None: tfds's default.
+
+    Returns:
+        ``(builder, dataset)``.
+
+    Raises:
+        DatasetNotPreparedError: the dataset is not prepared in ``data_dir`` (the message
+            says how to prepare it).
+        tfds's own error for a name it does not know.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    except AssertionError:
+        if builder.is_prepared():
+            raise
+        raise DatasetNotPreparedError(_not_prepared_message(name, builder.data_dir, data_dir)) from None
+    return builder, ds
+
+
 def load_cifar(
     name="cifar10",
     split="train",
@@ -214,16 +247,7 @@ def load_cifar(
 
     import tensorflow_datasets as tfds  # imported here: only the CIFAR path needs it
 
-    # Building the builder object reads no data and touches no network (cifar10/100 are
-    # defined in tfds's code); as_dataset fails fast when the files are missing, while
-    # tfds.load would try to download and hang for minutes offline.
-    builder = tfds.builder(name, data_dir=data_dir)
-    try:
-        ds = builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
-    except AssertionError:
-        if builder.is_prepared():
-            raise
-        raise DatasetNotPreparedError(_not_prepared_message(name, builder.data_dir, data_dir)) from None
+    builder, ds = prepared_dataset(name, split, data_dir)
     num_classes = int(builder.info.features["label"].num_classes)
 
     image_chunks, label_chunks = [], []
