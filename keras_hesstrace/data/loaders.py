@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.data.noise import symmetric_label_noise
+from keras_hesstrace.data.noise import check_noise_rate, symmetric_label_noise
 
 # Per-channel mean and standard deviation of the training images in [0, 1] (the figures
 # commonly published for these sets; used to standardise every split).
@@ -119,6 +119,27 @@ def _apply_noise(labels, noise_rate, noise_seed, num_classes, split):
     return symmetric_label_noise(labels, noise_rate, num_classes, noise_seed)
 
 
+def pad_crop_flip(image, seed, pad=CIFAR_PAD):
+    """The standard CIFAR augmentation of one image, reproducible from a stateless seed.
+
+    Zero-pads ``pad`` pixels on each side, takes a random crop of the original size, then
+    a random horizontal flip; crop and flip use the two halves of ``stateless_split(seed)``.
+
+    Args:
+        image: [H, W, C] tensor.
+        seed: int tensor [2], the example's stateless seed.
+        pad: pixels of zero padding per side. Defaults to 4 (``CIFAR_PAD``).
+
+    Returns:
+        [H, W, C] tensor, the augmented image (same dtype).
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    padded = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
+    size = tuple(image.shape) if image.shape.is_fully_defined() else tf.shape(image)
+    image = tf.image.stateless_random_crop(padded, size, seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
 def _pipeline(images, labels, *, pixel_scale, mean, std, batch_size, shuffle, augment, seed):
     """Batched tf.data pipeline: (optional) shuffle, (optional) pad-crop-flip, normalise."""
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
@@ -131,18 +152,13 @@ def _pipeline(images, labels, *, pixel_scale, mean, std, batch_size, shuffle, au
         return (tf.cast(image, tf.float32) * pixel_scale - mean_t) / std_t
 
     if augment:
-        height, width, channels = images.shape[1:]
         # One stateless seed pair per example from a seeded random stream, fresh each epoch.
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip((ds, seeds))
 
         def augment_fn(example, pair):
             image, label = example
-            crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
-            padded = tf.pad(image, [[CIFAR_PAD, CIFAR_PAD], [CIFAR_PAD, CIFAR_PAD], [0, 0]])
-            image = tf.image.stateless_random_crop(padded, (height, width, channels), seed=crop_seed)
-            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-            return normalize(image), label
+            return normalize(pad_crop_flip(image, pair)), label
 
         ds = ds.map(augment_fn, num_parallel_calls=tf.data.AUTOTUNE)
     else:
@@ -241,9 +257,7 @@ def load_cifar(
     if name not in CIFAR_STATS:
         raise ValueError(f"name must be one of {sorted(CIFAR_STATS)}, got {name!r}.")
     batch_size = _check_batch_size(batch_size)
-    rate = float(noise_rate)
-    if not (0.0 <= rate < 1.0):
-        raise ValueError(f"noise_rate must lie in [0, 1), got {noise_rate!r}.")
+    rate = check_noise_rate(noise_rate)
 
     import tensorflow_datasets as tfds  # imported here: only the CIFAR path needs it
 
@@ -326,9 +340,7 @@ def load_digits(
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
     batch_size = _check_batch_size(batch_size)
-    rate = float(noise_rate)
-    if not (0.0 <= rate < 1.0):
-        raise ValueError(f"noise_rate must lie in [0, 1), got {noise_rate!r}.")
+    rate = check_noise_rate(noise_rate)
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()

@@ -5,6 +5,17 @@ import numpy as np
 from keras_hesstrace._validate import check_integer
 
 
+def check_noise_rate(rate, name="noise_rate"):
+    """``rate`` as a float in [0, 1) (the probability that a label is corrupted), else ValueError."""
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {rate!r}.") from None
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must lie in [0, 1) (the probability that a label is corrupted), got {rate!r}.")
+    return value
+
+
 def symmetric_label_noise(labels, rate, num_classes, seed):
     """Corrupt labels symmetrically, once, deterministically.
 
@@ -27,11 +38,7 @@ def symmetric_label_noise(labels, rate, num_classes, seed):
         ValueError: ``rate`` outside [0, 1), ``num_classes`` < 2, labels not a 1-D int
             array or out of range.
     """
-    rate_f = float(rate)
-    if not (0.0 <= rate_f < 1.0):
-        raise ValueError(
-            f"noise rate must lie in [0, 1) (the probability that a label is corrupted), got {rate!r}."
-        )
+    rate_f = check_noise_rate(rate)
     num_classes = check_integer("num_classes", num_classes, minimum=2)
     y = np.asarray(labels)
     if y.ndim != 1:
