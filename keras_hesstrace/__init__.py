@@ -9,6 +9,9 @@ Public API:
     variance            closed-form variances, anisotropy, probe_budget
     top_eigenvalues, hessian_trace, spectral_density, diagonal, loss_landscape
                         the PyHessian toolset (keras_hesstrace.spectrum, .landscape)
+    EigenResult, TraceEstimate, SpectralDensity, DiagonalResult
+                        what the toolset returns (keras_hesstrace.spectrum_results)
+    linalg              the algorithms on any symmetric matvec (numpy only)
     models, data, monitor, stats
                         CIFAR/digits models and loaders, the training callback and
                         its calibrated alert, effect sizes and intervals
@@ -31,6 +34,7 @@ _check_backend()
 from keras_hesstrace import variance  # noqa: E402
 from keras_hesstrace.landscape import loss_landscape  # noqa: E402
 from keras_hesstrace.spectrum import diagonal, hessian_trace, spectral_density, top_eigenvalues  # noqa: E402
+from keras_hesstrace.spectrum_results import DiagonalResult, EigenResult, SpectralDensity, TraceEstimate  # noqa: E402
 from keras_hesstrace.groups import layer_groups  # noqa: E402
 from keras_hesstrace.hvp import HessianOperator, hessian_operator, hvp  # noqa: E402
 from keras_hesstrace.trace import TraceResult, layer_traces  # noqa: E402
@@ -50,6 +54,10 @@ def __getattr__(name):
 __all__ = [
     "HessianOperator",
     "TraceResult",
+    "EigenResult",
+    "TraceEstimate",
+    "SpectralDensity",
+    "DiagonalResult",
     "hessian_operator",
     "hvp",
     "layer_groups",

@@ -20,7 +20,8 @@ import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
-from keras_hesstrace.spectrum import block_indices, top_eigenvalues, _rng
+from keras_hesstrace.linalg.common import make_rng
+from keras_hesstrace.spectrum import block_indices, top_eigenvalues
 from keras_hesstrace.batches import check_reiterable, resolve_data, weighted_mean
 
 DIRECTIONS = ("top1", "top2", "random1", "random2", "random")
@@ -87,7 +88,7 @@ def filter_normalized_direction(variables, seed=None, ignore_1d=True):
         last axis indexes filters / output units (Keras Dense and Conv kernels), and each
         slice d[..., f] gets the norm of w[..., f] (zero where the weights' filter is zero).
     """
-    rng, _ = _rng(seed)
+    rng, _ = make_rng(seed)
     out = []
     for var in variables:
         w = np.asarray(var, dtype=np.float64)
@@ -184,7 +185,7 @@ def loss_landscape(
         True
     """
     x, y, _ = resolve_data(x, y, "loss_landscape")
-    _, seed = _rng(seed)
+    _, seed = make_rng(seed)
     _, indices = block_indices(model, groups, by)
     names = block_indices(model, groups, by)[0]
     variables = list(model.trainable_variables)

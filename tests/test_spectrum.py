@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_hesstrace import linalg as la
 from keras_hesstrace import spectrum as sp
 import models_for_tests as mt
 from reference import exact_hessian, flatten, xent64
@@ -28,7 +29,7 @@ def _spectrum(n=50, seed=0):
 # ============================================================== explicit matrices
 
 
-@pytest.mark.parametrize("fn", [sp.power_iteration, sp.lanczos_eigen])
+@pytest.mark.parametrize("fn", [la.power_iteration, la.lanczos_eigen])
 def test_largest_magnitude_eigenpairs_of_a_matrix(fn):
     lam = _spectrum()
     A = _matrix(lam)
@@ -45,15 +46,15 @@ def test_largest_magnitude_eigenpairs_of_a_matrix(fn):
 def test_lanczos_largest_algebraic_skips_negative_eigenvalues():
     lam = _spectrum()
     A = _matrix(lam)
-    out = sp.lanczos_eigen(lambda v: A @ v, 50, k=3, which="LA", tol=1e-8, seed=0)
+    out = la.lanczos_eigen(lambda v: A @ v, 50, k=3, which="LA", tol=1e-8, seed=0)
     np.testing.assert_allclose(out["eigenvalues"], np.sort(lam)[::-1][:3], rtol=1e-7)
 
 
 def test_lanczos_needs_fewer_matvecs_than_power_iteration():
     A = _matrix(_spectrum())
     kw = dict(k=3, max_iter=1000, tol=1e-6, seed=0)
-    power = sp.power_iteration(lambda v: A @ v, 50, **kw)
-    lanczos = sp.lanczos_eigen(lambda v: A @ v, 50, **kw)
+    power = la.power_iteration(lambda v: A @ v, 50, **kw)
+    lanczos = la.lanczos_eigen(lambda v: A @ v, 50, **kw)
     assert lanczos["num_matvecs"] < power["num_matvecs"]
     assert sp.AUTO_METHOD == "lanczos"
 
@@ -62,7 +63,7 @@ def test_lanczos_restarts_on_breakdown_to_find_repeated_eigenvalues():
     # rank 2 plus a repeated eigenvalue: the Krylov space from one vector breaks down.
     lam = np.array([5.0, 5.0, 5.0, 1.0] + [0.0] * 16)
     A = _matrix(lam, seed=3)
-    out = sp.lanczos_eigen(lambda v: A @ v, 20, k=4, tol=1e-10, seed=0)
+    out = la.lanczos_eigen(lambda v: A @ v, 20, k=4, tol=1e-10, seed=0)
     np.testing.assert_allclose(out["eigenvalues"], [5, 5, 5, 1], rtol=1e-8)
 
 
@@ -72,7 +73,7 @@ def test_quadrature_is_exact_for_low_moments_per_start_vector():
     v = rng.choice([-1.0, 1.0], size=50)
     u = v / np.linalg.norm(v)
     for steps in (2, 5, 50):
-        nodes, weights, count = sp.lanczos_quadrature(lambda x: A @ x, v, steps)
+        nodes, weights, count = la.lanczos_quadrature(lambda x: A @ x, v, steps)
         assert count == steps
         for k in range(0, min(2 * steps, 6)):
             exact = u @ np.linalg.matrix_power(A, k) @ u
@@ -83,7 +84,7 @@ def test_quadrature_stops_at_breakdown_with_exact_nodes():
     lam = np.array([3.0, 1.0, -2.0] + [0.0] * 27)
     A = _matrix(lam)
     v = np.ones(30)
-    nodes, weights, count = sp.lanczos_quadrature(lambda x: A @ x, v, 20)
+    nodes, weights, count = la.lanczos_quadrature(lambda x: A @ x, v, 20)
     assert count <= 5  # an invariant subspace of dimension <= 4 is found
     assert np.isclose(weights.sum(), 1.0)
     big = nodes[weights > 1e-10]
@@ -95,8 +96,8 @@ def test_hutchpp_has_lower_variance_than_hutchinson_on_a_low_rank_matrix():
     lam = np.concatenate([np.linspace(10, 1, 8), np.zeros(112)])
     A = _matrix(lam, seed=1) + 1e-3 * _matrix(np.random.default_rng(2).normal(size=120), seed=2)
     exact = np.trace(A)
-    plain = np.array([sp.hutchinson_trace(lambda v: A @ v, 120, max_iter=30, tol=0.0, seed=s)["trace"] for s in range(200)])
-    plus = np.array([sp.hutchpp_trace(lambda v: A @ v, 120, max_iter=30, tol=0.0, seed=s)["trace"] for s in range(200)])
+    plain = np.array([la.hutchinson_trace(lambda v: A @ v, 120, max_iter=30, tol=0.0, seed=s)["trace"] for s in range(200)])
+    plus = np.array([la.hutchpp_trace(lambda v: A @ v, 120, max_iter=30, tol=0.0, seed=s)["trace"] for s in range(200)])
     assert abs(plain.mean() - exact) < 4 * plain.std() / np.sqrt(200)
     assert abs(plus.mean() - exact) < 4 * plus.std() / np.sqrt(200) + 1e-9
     assert plus.var() < 0.01 * plain.var()
@@ -104,25 +105,25 @@ def test_hutchpp_has_lower_variance_than_hutchinson_on_a_low_rank_matrix():
 
 def test_trace_stop_rule_uses_the_standard_error():
     A = _matrix(np.linspace(1, 2, 40))
-    out = sp.hutchinson_trace(lambda v: A @ v, 40, max_iter=500, tol=0.02, min_probes=10, seed=0)
+    out = la.hutchinson_trace(lambda v: A @ v, 40, max_iter=500, tol=0.02, min_probes=10, seed=0)
     assert out["converged"]
     assert out["stderr"] <= 0.02 * abs(out["trace"])
     assert 10 <= out["num_matvecs"] < 500
     assert abs(out["trace"] - np.trace(A)) < 5 * out["stderr"]
     # tol=0 never stops early: exactly max_iter probes.
-    assert sp.hutchinson_trace(lambda v: A @ v, 40, max_iter=17, tol=0.0, seed=0)["num_matvecs"] == 17
+    assert la.hutchinson_trace(lambda v: A @ v, 40, max_iter=17, tol=0.0, seed=0)["num_matvecs"] == 17
 
 
 def test_hutchinson_diagonal_of_a_matrix_within_four_standard_errors():
     A = _matrix(_spectrum())
-    mean, err = sp.hutchinson_diagonal(lambda v: A @ v, 50, num_probes=300, seed=0)
+    mean, err = la.hutchinson_diagonal(lambda v: A @ v, 50, num_probes=300, seed=0)
     assert np.all(np.abs(mean - np.diag(A)) <= 4 * err)
 
 
 def test_gaussian_density_integrates_to_one_with_the_pyhessian_width():
     nodes = [np.array([-1.0, 0.0, 3.0]), np.array([0.5, 2.0])]
     weights = [np.array([0.2, 0.5, 0.3]), np.array([0.6, 0.4])]
-    grid, density, sigma = sp.gaussian_density(nodes, weights)
+    grid, density, sigma = la.gaussian_density(nodes, weights)
     assert sigma == pytest.approx(np.sqrt(1e-5 * 4.0))
     assert grid.size == 10000
     dx = grid[1] - grid[0]
@@ -241,7 +242,7 @@ def test_slq_moments_are_exact_per_start_vector(mlp_case):
         # Rebuild the start vectors from the seed as spectral_density draws them.
         rng = np.random.default_rng(5)
         for run in range(2):
-            v = sp._probe(rng, n, "rademacher")
+            v = la.random_probe(rng, n, "rademacher")
             for k in (0, 1, 2):
                 exact = v @ np.linalg.matrix_power(H, k) @ v / n
                 assert r.run_moments(k)[run] == pytest.approx(exact, rel=1e-8, abs=1e-12)

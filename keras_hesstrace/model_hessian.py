@@ -1,0 +1,116 @@
+"""The Keras adapter: a model's Hessian (or a block of it) as a matvec on flat numpy vectors.
+
+:class:`ModelHessian` is the callable the algorithms of :mod:`keras_hesstrace.linalg` run
+on; :func:`block_indices` names the block made of some groups of ``layer_groups``.
+"""
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from keras_hesstrace.batches import resolve_data
+from keras_hesstrace.groups import group_indices, layer_groups
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
+
+
+def block_indices(model, groups=None, by="layer"):
+    """(names, sorted variable indices) of the block made of ``groups`` of ``layer_groups(model, by)``.
+
+    Args:
+        groups: None (the whole model), a group name, or a list of group names.
+        by: the grouping (see :func:`keras_hesstrace.layer_groups`).
+    """
+    mapping = layer_groups(model, by=by)
+    names, indices = group_indices(model, mapping)
+    if groups is None:
+        return names, tuple(range(len(model.trainable_variables)))
+    wanted = [groups] if isinstance(groups, str) else list(groups)
+    if not wanted:
+        raise ValueError("groups is empty: pass a group name, a list of names, or None for the whole model.")
+    missing = [g for g in wanted if g not in names]
+    if missing:
+        raise ValueError(f"Unknown group(s) {missing}; the groups (by={by!r}) are: {list(names)}")
+    chosen = sorted({i for g in wanted for i in indices[names.index(g)]})
+    return tuple(wanted), tuple(chosen)
+
+
+class ModelHessian:
+    """The Hessian (block) of a model's loss as a callable on flat float64 numpy vectors.
+
+    Args:
+        model, x, y: the model and one batch (``x, y`` or the tuple ``(x, y)`` as x), or x a
+            dataset / list of (x, y) batches (:func:`keras_hesstrace.batches.resolve_data`).
+        loss: None (compiled loss), a Loss, a name or a callable.
+        groups, by: the block (see :func:`block_indices`).
+        num_batches: batches used in the dataset mode (default all).
+        mode, jit_compile: HVP settings (see :func:`keras_hesstrace.hessian_operator`).
+        verbose: show a keras Progbar counting HVPs.
+        caller: the public function's name, for the messages that refuse ``x, y``.
+
+    Attributes:
+        n: the block's dimension; ``num_hvps``: products computed (one per batch pass);
+        ``loss``: the loss seen at the first product.
+
+    Every result below records ``mode``: how its products were computed ("forward" or
+    "reverse"; for ``mode="auto"`` the one the operator's one-time check chose).
+    """
+
+    def __init__(self, model, x, y=None, loss=None, groups=None, by="layer", num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0, caller="ModelHessian"):
+        x, y, self.dataset = resolve_data(x, y, caller)
+        self.model = model
+        self.group_names, self.indices = block_indices(model, groups, by)
+        self.restricted = groups is not None
+        self.op = hessian_operator(model, loss, self.indices if self.restricted else None, mode, jit_compile)
+        self.variables = list(self.op.variables)
+        self.sizes = [int(np.prod(v.shape)) for v in self.variables]
+        self.offsets = np.cumsum([0] + self.sizes)
+        self.n = int(self.offsets[-1])
+        if self.dataset:
+            if not isinstance(x, tf.data.Dataset) and iter(x) is x:
+                raise ValueError(
+                    "x is a one-shot iterator (a generator?): these methods pass over the data once per "
+                    "Hessian-vector product; pass a tf.data.Dataset or a list of (x, y) batches."
+                )
+            self.data = x
+        else:
+            self.data = to_tensors(x, y)
+        self.num_batches = num_batches
+        self.basis_dtype = np.float64 if all(v.dtype == "float64" for v in self.variables) else np.float32
+        self.num_hvps = 0
+        self.loss = None
+        self._bar = keras.utils.Progbar(None, unit_name="hvp") if verbose else None
+
+    def unflatten(self, vector):
+        """Flat [n] -> list of tensors shaped (and typed) like the block's variables."""
+        vector = np.asarray(vector)
+        return [
+            tf.constant(vector[a:b].reshape(v.shape), dtype=v.dtype)
+            for v, a, b in zip(self.variables, self.offsets[:-1], self.offsets[1:])
+        ]
+
+    def full_vector(self, vector):
+        """Flat block vector [n] -> tensors shaped like ALL model.trainable_variables (zero outside the block)."""
+        parts = dict(zip(self.indices, self.unflatten(vector)))
+        return [parts[i] if i in parts else tf.zeros(v.shape, dtype=v.dtype) for i, v in enumerate(self.model.trainable_variables)]
+
+    def __call__(self, vector):
+        tensors = self.unflatten(vector)
+        if self.dataset:
+            hv, loss = self.op.matvec_data(self.data, tensors, self.num_batches)
+        else:
+            hv, loss = self.op.matvec(self.data[0], self.data[1], tensors)
+        self.num_hvps += 1
+        if self.loss is None:
+            self.loss = float(loss)
+        if self._bar is not None:
+            self._bar.update(self.num_hvps)
+        return np.concatenate([np.asarray(h, dtype=np.float64).ravel() for h in hv])
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.update(self.num_hvps, finalize=True)
+
+
+def variable_paths(variables):
+    """The variables' paths (names on older Keras), a tuple."""
+    return tuple(getattr(v, "path", v.name) for v in variables)
