@@ -184,14 +184,11 @@ def plot_cell(config, out, arch, dataset, cal, records):
     """Two PNGs per monitored group: trajectories with alerts, and the PH statistic."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from keras_hesstrace.plots import save_figure
+    from keras_hesstrace.plots import new_figure, save_figure
 
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
     rates = sorted(float(x) for x in config.noise_rates)
-    cmap = plt.get_cmap("autumn_r")
+    cmap = matplotlib.colormaps["autumn_r"]
     colour = {r: cmap(0.35 + 0.65 * i / max(len(rates) - 1, 1)) for i, r in enumerate(rates)}
     paths = []
     log = config.transform == "log"
@@ -202,7 +199,8 @@ def plot_cell(config, out, arch, dataset, cal, records):
     for g in config.monitor:
         recs = [r for r in records if r["group"] == g]
         base = cal[g].baseline
-        fig, ax = plt.subplots(figsize=(9, 5.5))
+        fig = new_figure(figsize=(9, 5.5))
+        ax = fig.subplots()
         seen = set()
 
         def label(key, text):
@@ -253,7 +251,8 @@ def plot_cell(config, out, arch, dataset, cal, records):
         paths.append(save_figure(
             fig, os.path.join(out, "plots", f"{arch}-{dataset}-{_safe(g)}-trajectories.png"), dpi=110))
 
-        fig, ax = plt.subplots(figsize=(9, 5))
+        fig = new_figure(figsize=(9, 5))
+        ax = fig.subplots()
         seen.clear()
         h = cal[g].threshold
         for r in recs:

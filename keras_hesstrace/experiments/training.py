@@ -81,6 +81,8 @@ class _RunData:
         """The epoch's batches: order (and augmentation) a function of (seed, epoch) only."""
         import tensorflow as tf
 
+        from keras_hesstrace.data.loaders import pad_crop_flip
+
         perm = np.random.default_rng([seed, epoch]).permutation(self.n)
         images = tf.constant(self.images)
         labels = tf.constant(self.labels)
@@ -89,16 +91,12 @@ class _RunData:
         std = tf.constant(self.loaded.std)
         augment = bool(config.augment)
         base = np.int64(seed) * 100_003 + epoch
-        shape = self.images.shape[1:]
 
         def example(i, pos):
             image = tf.gather(images, i)
             if augment:
                 pair = tf.stack([tf.constant(base, tf.int64), tf.cast(pos, tf.int64)])
-                crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(pair, 2))
-                padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
-                image = tf.image.stateless_random_crop(padded, shape, seed=crop_seed)
-                image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+                image = pad_crop_flip(image, pair)
             x = (tf.cast(image, tf.float32) * scale - mean) / std
             return x, tf.gather(labels, i)
 
@@ -116,7 +114,7 @@ def _build_model(config, spec, data):
 
     shape = data.images.shape[1:]
     if spec.arch == "small_cnn":
-        model = models.small_cnn(shape, data.num_classes, config.weight_decay)
+        model = models.small_cnn(data.num_classes, shape, config.weight_decay)
     else:
         model = getattr(models, spec.arch)(data.num_classes, shape, config.weight_decay)
     total = steps_per_epoch(config, spec.dataset) * config.epochs

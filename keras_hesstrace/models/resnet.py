@@ -13,7 +13,7 @@ so a stage is the pattern ``"stage2/*"`` and the classifier is ``"head"``.
 
 import keras
 
-from keras_hesstrace.models._common import (
+from keras_hesstrace.models.blocks import (
     batch_norm as _bn,
     check_common,
     conv as _conv,

@@ -2,10 +2,10 @@
 
 import keras
 
-from keras_hesstrace.models._common import check_common, conv as _conv, kernel_regularizer
+from keras_hesstrace.models.blocks import check_common, conv, kernel_regularizer
 
 
-def small_cnn(input_shape=(8, 8, 1), num_classes=10, weight_decay=0.0):
+def small_cnn(num_classes=10, input_shape=(8, 8, 1), weight_decay=0.0):
     """conv3x3 32 - ReLU - conv3x3 64 - ReLU - flatten - Dense 128 - ReLU - Dense head.
 
     No pooling and no BatchNorm: with 544,522 trainable parameters for 8x8x1 inputs and
@@ -13,8 +13,9 @@ def small_cnn(input_shape=(8, 8, 1), num_classes=10, weight_decay=0.0):
     epochs (the measurement in docs/tensorflow-notes.md §7 used this architecture).
 
     Args:
-        input_shape: (height, width, channels), channels-last.
         num_classes: int >= 2, outputs of the ``head`` Dense layer (logits, no softmax).
+            Defaults to 10.
+        input_shape: (height, width, channels), channels-last. Defaults to (8, 8, 1).
         weight_decay: float >= 0; L2 penalty ``weight_decay / 2 * ||W||^2`` on every conv
             and dense kernel (gradient ``weight_decay * W``), in ``model.losses``; 0 adds none.
 
@@ -28,9 +29,9 @@ def small_cnn(input_shape=(8, 8, 1), num_classes=10, weight_decay=0.0):
     input_shape = check_common(num_classes, input_shape)
     reg = kernel_regularizer(weight_decay)
     inputs = keras.Input(shape=input_shape, name="images")
-    x = _conv(32, 3, "conv1", use_bias=True, regularizer=reg)(inputs)
+    x = conv(32, 3, "conv1", use_bias=True, regularizer=reg)(inputs)
     x = keras.layers.ReLU(name="relu1")(x)
-    x = _conv(64, 3, "conv2", use_bias=True, regularizer=reg)(x)
+    x = conv(64, 3, "conv2", use_bias=True, regularizer=reg)(x)
     x = keras.layers.ReLU(name="relu2")(x)
     x = keras.layers.Flatten(name="flatten")(x)
     x = keras.layers.Dense(128, activation="relu", kernel_regularizer=reg, name="dense")(x)

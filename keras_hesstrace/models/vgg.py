@@ -6,7 +6,7 @@ max-pools (widths 64 | 128 | 256, 256 | 512, 512 | 512, 512), then ``head``.
 
 import keras
 
-from keras_hesstrace.models._common import (
+from keras_hesstrace.models.blocks import (
     batch_norm as _bn,
     check_common,
     conv as _conv,
