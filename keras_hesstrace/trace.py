@@ -21,6 +21,7 @@ from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to
 from keras_hesstrace.batches import is_dataset, iterate_batches, resolve_data, split_batch  # noqa: F401
 from keras_hesstrace.losses import check_mean_reduction  # noqa: F401 (the callback's import)
 from keras_hesstrace.probes import check_probe, probe_seed
+from keras_hesstrace.linalg.common import stderr as _stderr  # the one standard error (numpy core)
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,6 @@ class TraceResult:
         if not self.finite:
             lines.append("NOT FINITE: the loss or the Hessian has NaN/inf; these numbers are meaningless.")
         return "\n".join(lines)
-
-
-def _stderr(samples):
-    m = samples.shape[0]
-    if m < 2:
-        return np.full(samples.shape[1], np.nan)
-    return samples.std(axis=0, ddof=1) / np.sqrt(m)
 
 
 def _progbar(total, verbose):

@@ -114,6 +114,17 @@ def test_trace_stop_rule_uses_the_standard_error():
     assert la.hutchinson_trace(lambda v: A @ v, 40, max_iter=17, tol=0.0, seed=0)["num_matvecs"] == 17
 
 
+def test_one_stderr_for_samples_and_sample_matrices():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(7, 3))
+    expected = s.std(axis=0, ddof=1) / np.sqrt(7)
+    np.testing.assert_allclose(la.stderr(s), expected, rtol=1e-14)
+    assert isinstance(la.stderr(s[:, 0]), float)
+    assert la.stderr(s[:, 0]) == pytest.approx(expected[0], rel=1e-14)
+    assert np.isnan(la.stderr([1.0]))
+    assert la.stderr(s[:1]).shape == (3,) and np.isnan(la.stderr(s[:1])).all()
+
+
 def test_hutchinson_diagonal_of_a_matrix_within_four_standard_errors():
     A = _matrix(_spectrum())
     mean, err = la.hutchinson_diagonal(lambda v: A @ v, 50, num_probes=300, seed=0)
