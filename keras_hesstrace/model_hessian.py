@@ -11,6 +11,7 @@ import keras
 from keras_hesstrace.batches import resolve_data
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
+from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
 
 
 def block_indices(model, groups=None, by="layer"):
@@ -92,6 +93,25 @@ class ModelHessian:
         """Flat block vector [n] -> tensors shaped like ALL model.trainable_variables (zero outside the block)."""
         parts = dict(zip(self.indices, self.unflatten(vector)))
         return [parts[i] if i in parts else tf.zeros(v.shape, dtype=v.dtype) for i, v in enumerate(self.model.trainable_variables)]
+
+    def probe_source(self, seed, probe="rademacher"):
+        """The package's one probe generator as a source for :mod:`keras_hesstrace.linalg`.
+
+        Returns:
+            ``draw(m) -> float64 [n]``: probe m under the base ``seed``, drawn by
+            :func:`keras_hesstrace.probes.draw_probe` with the stateless seed
+            ``probe_seed(seed, m)`` and each variable's stream numbered by its index in
+            ``model.trainable_variables``: the probe :func:`keras_hesstrace.layer_traces`
+            draws for the same seed and m, restricted to the block.
+        """
+        check_probe(probe)
+        seed = int(seed)
+
+        def draw(m):
+            parts = draw_probe(self.variables, probe_seed(seed, m), probe, streams=self.indices)
+            return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts])
+
+        return draw
 
     def __call__(self, vector):
         tensors = self.unflatten(vector)

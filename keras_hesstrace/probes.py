@@ -15,7 +15,7 @@ def check_probe(probe):
         raise ValueError(f"probe must be one of {PROBES}, not {probe!r}.")
 
 
-def draw_probe(variables, seed, probe="rademacher"):
+def draw_probe(variables, seed, probe="rademacher", streams=None):
     """Draw one probe vector v with E[v v^T] = I over all ``variables``.
 
     Args:
@@ -23,12 +23,18 @@ def draw_probe(variables, seed, probe="rademacher"):
         seed: int tensor of shape [2], the stateless seed of this probe.
         probe: ``"rademacher"`` (i.i.d. ±1, the minimum-variance choice) or
             ``"gaussian"`` (i.i.d. N(0, 1)).
+        streams: each variable's stream number (default 0, 1, ...: its position in
+            ``variables``). Passing the variables' indices in ``model.trainable_variables``
+            makes a block's probe the whole model's probe restricted to the block.
 
     Returns:
         list of tensors, one per variable, with its shape and dtype.
     """
+    streams = range(len(variables)) if streams is None else list(streams)
+    if len(streams) != len(variables):
+        raise ValueError(f"streams has {len(streams)} entries for {len(variables)} variables.")
     out = []
-    for i, var in enumerate(variables):
+    for i, var in zip(streams, variables):
         s = tf.random.experimental.stateless_fold_in(seed, i)
         dtype = tf.as_dtype(var.dtype)
         if probe == "rademacher":

@@ -13,6 +13,11 @@ batch-size-weighted average over the batches, the HVP of the mean loss over all 
 examples). ``groups=`` restricts the Hessian to the block of those groups of
 ``layer_groups(model, by)``: v is zero outside the block and only the block of Hv is kept
 (H_SS, computed with the gradient w.r.t. the block's variables only).
+
+Probes (``hessian_trace``, ``diagonal``, the start vectors of ``spectral_density``) come from
+the package's one generator, :func:`keras_hesstrace.probes.draw_probe` with the stateless
+seed ``(seed, m)`` (:meth:`ModelHessian.probe_source`): the same seed gives the same probes
+as ``layer_traces``, and a block's probe is the whole model's restricted to the block.
 """
 
 import warnings
@@ -23,7 +28,7 @@ import numpy as np
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE
-from keras_hesstrace.linalg.common import PROBES, make_rng, random_probe
+from keras_hesstrace.linalg.common import PROBES, make_rng
 from keras_hesstrace.linalg.density import gaussian_density
 from keras_hesstrace.linalg.hutchinson import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
 from keras_hesstrace.linalg.lanczos import WHICH, lanczos_eigen, lanczos_quadrature
@@ -117,7 +122,6 @@ def top_eigenvalues(
     return result
 
 
-
 def hessian_trace(
     model, x, y=None, max_iter=100, tol=1e-3, method="hutchinson", min_probes=10, probe="rademacher", loss=None,
     groups=None, by="layer", seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
@@ -135,7 +139,9 @@ def hessian_trace(
             the deflated remainder: much lower variance when H has a few dominant
             eigenvalues, as network Hessians do).
         min_probes: the fewest probes before the stop rule is tried.
-        probe: "rademacher" or "gaussian".
+        probe: "rademacher" or "gaussian". Probe m is the one :func:`keras_hesstrace.layer_traces`
+            draws for the same ``seed`` (restricted to the block), so with method="hutchinson"
+            on the whole model ``samples`` equals its ``total_samples``.
 
     Returns:
         :class:`TraceEstimate`.
@@ -146,9 +152,10 @@ def hessian_trace(
     _, seed = make_rng(seed)
     try:
         if method == "hutchinson":
-            out = hutchinson_trace(H, H.n, max_iter, tol, min_probes, probe, seed)
+            out = hutchinson_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe))
         else:
-            out = hutchpp_trace(H, H.n, max_iter, tol, min_probes, probe, seed)
+            out = hutchpp_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe),
+                                sketch_draw=H.probe_source(seed, "rademacher"))
     finally:
         H.close()
     return TraceEstimate(
@@ -158,14 +165,14 @@ def hessian_trace(
     )
 
 
-
 def spectral_density(
     model, x, y=None, num_runs=1, lanczos_steps=90, sigma=None, grid=10000, loss=None, groups=None, by="layer",
     seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
 ):
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
-    Each run starts Lanczos (full reorthogonalisation) from a Rademacher vector v and takes
+    Run r starts Lanczos (full reorthogonalisation) from Rademacher probe r of the package's
+    generator (the probe ``layer_traces`` draws for the same seed) and takes
     ``lanczos_steps`` HVPs; its Ritz values θ_i with weights w_i = (first component of T's
     i-th eigenvector)² form a quadrature with Σ w_i θ_i^k = v^T H^k v / n exactly for
     k < 2 * steps, whose expectation is tr(H^k) / n. The density is smoothed with a
@@ -186,7 +193,8 @@ def spectral_density(
     num_runs = check_integer("num_runs", num_runs)
     lanczos_steps = check_integer("lanczos_steps", lanczos_steps)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="spectral_density")
-    rng, seed = make_rng(seed)
+    _, seed = make_rng(seed)
+    start = H.probe_source(seed, "rademacher")
     notes = []
     if lanczos_steps > H.n:
         notes.append(f"lanczos_steps={lanczos_steps} is more than the dimension {H.n}; clipped to {H.n} (exact quadrature).")
@@ -194,8 +202,8 @@ def spectral_density(
         lanczos_steps = H.n
     nodes, weights = [], []
     try:
-        for _ in range(num_runs):
-            theta, w, _ = lanczos_quadrature(H, random_probe(rng, H.n, "rademacher"), lanczos_steps, H.basis_dtype)
+        for run in range(num_runs):
+            theta, w, _ = lanczos_quadrature(H, start(run), lanczos_steps, H.basis_dtype)
             nodes.append(theta)
             weights.append(w)
     finally:
@@ -214,7 +222,6 @@ def spectral_density(
     )
 
 
-
 def diagonal(
     model, x, y=None, num_probes=100, groups=None, by="layer", probe="rademacher", loss=None, seed=None,
     num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
@@ -222,7 +229,8 @@ def diagonal(
     """Hutchinson estimate of the Hessian diagonal, E[v ⊙ H v], per group.
 
     Args:
-        num_probes: HVPs (probes); the standard error falls as 1 / sqrt(num_probes).
+        num_probes: HVPs (probes); the standard error falls as 1 / sqrt(num_probes). Probe m
+            is the one :func:`keras_hesstrace.layer_traces` draws for the same ``seed``.
         groups: None for every group of ``layer_groups(model, by)``, or a name / list of
             names. Restricting is not only cheaper to read: the probe is then zero outside
             the block, which removes the other blocks' off-diagonal terms from the variance
@@ -235,7 +243,7 @@ def diagonal(
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
     _, seed = make_rng(seed)
     try:
-        mean, err = hutchinson_diagonal(H, H.n, num_probes, probe, seed)
+        mean, err = hutchinson_diagonal(H, H.n, num_probes, draw=H.probe_source(seed, probe))
     finally:
         H.close()
     mapping = layer_groups(model, by=by)

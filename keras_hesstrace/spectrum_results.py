@@ -56,7 +56,6 @@ class EigenResult:
         return "\n".join(lines)
 
 
-
 @dataclass(frozen=True)
 class TraceEstimate:
     """A stochastic estimate of tr(H) (or of a block's trace).
@@ -85,7 +84,6 @@ class TraceEstimate:
             f"trace {self.trace:.6g} ± {self.stderr:.2g} ({self.method}, {self.num_hvps} HVPs, "
             f"dimension {self.dimension}, loss {self.loss:.4g}{'' if self.converged else ', tol not reached'})"
         )
-
 
 
 @dataclass(frozen=True)
@@ -147,7 +145,6 @@ class SpectralDensity:
         ]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
-
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 from keras_hesstrace import linalg as la
 from keras_hesstrace import spectrum as sp
+from keras_hesstrace.probes import draw_probe, probe_seed
+import keras_hesstrace as kh
 import models_for_tests as mt
 from reference import exact_hessian, flatten, xent64
 
@@ -125,6 +127,27 @@ def test_one_stderr_for_samples_and_sample_matrices():
     assert la.stderr(s[:1]).shape == (3,) and np.isnan(la.stderr(s[:1])).all()
 
 
+def test_probe_sources_number_the_probes():
+    n = 30
+    draw = la.numpy_probes(n, "rademacher", seed=4)
+    np.testing.assert_array_equal(draw(3), la.numpy_probes(n, "rademacher", seed=4)(3))  # a function of (seed, m)
+    assert set(np.unique(draw(0))) <= {-1.0, 1.0} and not np.array_equal(draw(0), draw(1))
+    A = _matrix(np.arange(1.0, n + 1.0), seed=3)
+    vs = [draw(m) for m in range(6)]
+    out = la.hutchinson_trace(lambda v: A @ v, n, max_iter=5, tol=0.0, min_probes=5, draw=draw)
+    np.testing.assert_allclose(out["samples"], [v @ A @ v for v in vs[:5]], rtol=1e-12)
+    mean, _ = la.hutchinson_diagonal(lambda v: A @ v, n, num_probes=5, draw=draw)
+    np.testing.assert_allclose(mean, np.mean([v * (A @ v) for v in vs[:5]], axis=0), rtol=1e-12)
+    # Hutch++: sketch columns are sketch_draw(0..s-1), the samples draw(s), draw(s + 1), ...
+    s = 3
+    out = la.hutchpp_trace(lambda v: A @ v, n, max_iter=10, tol=0.0, min_probes=2, sketch_size=s, draw=draw, sketch_draw=draw)
+    Q, _ = np.linalg.qr(np.stack([A @ vs[j] for j in range(s)], axis=1))
+    g = [draw(s + m) - Q @ (Q.T @ draw(s + m)) for m in range(10 - 2 * s)]
+    np.testing.assert_allclose(out["samples"], [u @ A @ u for u in g], rtol=1e-10)
+    with pytest.raises(ValueError, match="shape"):
+        la.hutchinson_trace(lambda v: A @ v, n, max_iter=2, draw=lambda m: np.ones(n - 1))
+
+
 def test_hutchinson_diagonal_of_a_matrix_within_four_standard_errors():
     A = _matrix(_spectrum())
     mean, err = la.hutchinson_diagonal(lambda v: A @ v, 50, num_probes=300, seed=0)
@@ -191,6 +214,26 @@ def _block(model, H, prefixes):
     return H[np.ix_(mask, mask)], mask
 
 
+def test_one_probe_generator_for_layer_traces_hessian_trace_and_diagonal(mlp_case):
+    model, x, y, loss, H = mlp_case
+    num, seed = 5, 7
+    lt = kh.layer_traces(model, x, y, num_probes=num, seed=seed, loss=loss, verbose=0)
+    ht = sp.hessian_trace(model, x, y, max_iter=num, tol=0.0, min_probes=num, loss=loss, seed=seed)
+    np.testing.assert_allclose(ht.samples, lt.total_samples, rtol=1e-10)
+    # Both are v^T H v on the independent reference Hessian with the package's probes.
+    vs = [flatten(draw_probe(model.trainable_variables, probe_seed(seed, m))) for m in range(num)]
+    np.testing.assert_allclose(ht.samples, [v @ H @ v for v in vs], rtol=1e-8)
+    scale = 1e-10 * np.abs(H).max()
+    d = sp.diagonal(model, x, y, num_probes=num, loss=loss, seed=seed)
+    np.testing.assert_allclose(d.flat()[0], np.mean([v * (H @ v) for v in vs], axis=0), rtol=1e-8, atol=scale)
+    # A block's probe is the whole model's probe restricted to the block.
+    Hb, mask = _block(model, H, {"head"})
+    head = sp.diagonal(model, x, y, num_probes=num, loss=loss, groups="head", seed=seed)
+    np.testing.assert_allclose(head.flat()[0], np.mean([v[mask] * (Hb @ v[mask]) for v in vs], axis=0), rtol=1e-8, atol=scale)
+    hb = sp.hessian_trace(model, x, y, max_iter=num, tol=0.0, min_probes=num, loss=loss, groups="head", seed=seed)
+    np.testing.assert_allclose(hb.samples, [v[mask] @ Hb @ v[mask] for v in vs], rtol=1e-8, atol=scale)
+
+
 @pytest.mark.parametrize("method", ["power", "lanczos"])
 def test_restricted_block_equals_the_exact_sub_block(mlp_case, method):
     model, x, y, loss, H = mlp_case
@@ -250,10 +293,9 @@ def test_slq_moments_are_exact_per_start_vector(mlp_case):
     n = H.shape[0]
     for steps in (3, n):
         r = sp.spectral_density(model, x, y, num_runs=2, lanczos_steps=steps, loss=loss, seed=5)
-        # Rebuild the start vectors from the seed as spectral_density draws them.
-        rng = np.random.default_rng(5)
+        # Rebuild the start vectors from the seed: run r starts from the package's probe r.
         for run in range(2):
-            v = la.random_probe(rng, n, "rademacher")
+            v = flatten(draw_probe(model.trainable_variables, probe_seed(5, run)))
             for k in (0, 1, 2):
                 exact = v @ np.linalg.matrix_power(H, k) @ v / n
                 assert r.run_moments(k)[run] == pytest.approx(exact, rel=1e-8, abs=1e-12)

@@ -156,10 +156,10 @@ def small_case(request):
     return request.param
 
 
-def rademacher_like_spectrum(seed, n, count):
-    """The probes the PyHessian-style functions draw: numpy default_rng(seed), Rademacher in order."""
-    rng = np.random.default_rng(seed)
-    return [2.0 * rng.integers(0, 2, size=n) - 1.0 for _ in range(count)]
+def package_probes(b, seed, count):
+    """Probes 0..count-1 of the package's one generator (draw_probe with the stateless seed
+    (seed, m)), rebuilt here: what hessian_trace, diagonal and spectral_density use, as layer_traces does."""
+    return [flatten(draw_probe(b.variables, probe_seed(seed, m))) for m in range(count)]
 
 
 def assert_close(actual, expected, rtol, what):
@@ -318,7 +318,7 @@ def test_hessian_trace_samples(small_case, record_property):
     num = 4
     r = kh.hessian_trace(b.model, b.x, b.y, max_iter=num, tol=0.0, min_probes=num, seed=SEED)
     assert r.num_hvps == num
-    expected = [v @ b.H @ v for v in rademacher_like_spectrum(SEED, b.n, num)]
+    expected = [v @ b.H @ v for v in package_probes(b, SEED, num)]
     err = assert_close(r.samples, expected, REF_RTOL[small_case.reference], f"{small_case.name}: Hutchinson samples")
     record_property("rel_err", err)
     assert r.trace == pytest.approx(np.mean(expected), rel=1e-6, abs=1e-8 * np.abs(expected).max())
@@ -328,7 +328,7 @@ def test_diagonal(small_case, record_property):
     b = built(small_case)
     num = 3
     r = kh.diagonal(b.model, b.x, b.y, num_probes=num, seed=SEED)
-    expected = np.mean([v * (b.H @ v) for v in rademacher_like_spectrum(SEED, b.n, num)], axis=0)
+    expected = np.mean([v * (b.H @ v) for v in package_probes(b, SEED, num)], axis=0)
     by_path = dict(zip((w.path for w in b.variables), unflatten(expected, b.variables)))
     assert len(by_path) == len(b.variables)
     got, want = [], []
@@ -344,7 +344,7 @@ def test_diagonal(small_case, record_property):
 def test_spectral_density_moments(small_case, record_property):
     b = built(small_case)
     r = kh.spectral_density(b.model, b.x, b.y, num_runs=1, lanczos_steps=6, grid=200, seed=SEED)
-    (v,) = rademacher_like_spectrum(SEED, b.n, 1)
+    (v,) = package_probes(b, SEED, 1)
     worst = 0.0
     w = v.copy()
     for k in (1, 2, 3):  # Gauss quadrature with 6 nodes is exact for degree < 12

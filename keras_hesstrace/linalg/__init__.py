@@ -22,7 +22,7 @@ Stopping rules (documented choices, different from PyHessian's relative change
   least ``min_probes`` probes), or at ``max_iter`` HVPs.
 """
 
-from keras_hesstrace.linalg.common import PROBES, make_rng, random_probe, stderr
+from keras_hesstrace.linalg.common import PROBES, make_rng, numpy_probes, random_probe, stderr
 from keras_hesstrace.linalg.density import default_sigma, gaussian_density
 from keras_hesstrace.linalg.hutchinson import hutchinson_diagonal, hutchinson_trace, hutchpp_trace
 from keras_hesstrace.linalg.lanczos import WHICH, Lanczos, lanczos_eigen, lanczos_quadrature
@@ -40,6 +40,7 @@ __all__ = [
     "lanczos_eigen",
     "lanczos_quadrature",
     "make_rng",
+    "numpy_probes",
     "power_iteration",
     "random_probe",
     "stderr",

@@ -26,6 +26,32 @@ def random_probe(rng, n, probe, dtype=np.float64):
     raise ValueError(f"probe must be one of {PROBES}, not {probe!r}.")
 
 
+def numpy_probes(n, probe="rademacher", seed=None):
+    """The default probe source of the algorithms on a plain matvec.
+
+    Returns:
+        ``draw(m) -> float64 [n]``: probe number m, from numpy's generator seeded with
+        ``(seed, m)``, so a probe depends on its seed and index only (as the package's
+        TensorFlow probes do; the Keras adapter passes those instead).
+    """
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, not {probe!r}.")
+    _, seed = make_rng(seed)
+
+    def draw(m):
+        return random_probe(np.random.default_rng((seed, int(m))), n, probe)
+
+    return draw
+
+
+def take_probe(draw, m, n):
+    """``draw(m)`` as a flat float64 vector, checked to have length n."""
+    v = np.asarray(draw(m), dtype=np.float64)
+    if v.shape != (n,):
+        raise ValueError(f"The probe source gave a vector of shape {v.shape}; the operator's dimension is {n}.")
+    return v
+
+
 def check_finite(w):
     """Raise FloatingPointError unless every entry of the product ``w`` is finite."""
     if not np.all(np.isfinite(w)):
