@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from keras_hesstrace.batches import resolve_data
+from keras_hesstrace.batches import check_reiterable, resolve_data
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
@@ -67,11 +67,7 @@ class ModelHessian:
         self.offsets = np.cumsum([0] + self.sizes)
         self.n = int(self.offsets[-1])
         if self.dataset:
-            if not isinstance(x, tf.data.Dataset) and iter(x) is x:
-                raise ValueError(
-                    "x is a one-shot iterator (a generator?): these methods pass over the data once per "
-                    "Hessian-vector product; pass a tf.data.Dataset or a list of (x, y) batches."
-                )
+            check_reiterable(x, caller)  # one pass over the data per Hessian-vector product
             self.data = x
         else:
             self.data = to_tensors(x, y)
