@@ -78,8 +78,12 @@ def top_eigenvalues(
         :class:`EigenResult`. A warning is issued when a pair did not converge.
 
     Example:
-        >>> r = top_eigenvalues(model, x, y, k=2, seed=0)   # doctest: +SKIP
-        >>> r.eigenvalues, r.num_hvps
+        >>> r = top_eigenvalues(model, x, y, k=2, seed=0)
+        >>> r.eigenvalues.shape, bool(r.converged.all())
+        ((2,), True)
+        >>> H = r.eigenvalues[0]   # the largest |eigenvalue|; r.residuals bound the error
+        >>> bool(abs(H) >= abs(r.eigenvalues[1]))
+        True
     """
     if method not in EIGEN_METHODS:
         raise ValueError(f"method must be one of {EIGEN_METHODS}, not {method!r}.")
