@@ -105,7 +105,7 @@ def _check_block(model, args):
     from keras_hesstrace.spectrum import block_indices
 
     try:
-        block_indices(model, list(args.block), args.groups)
+        block_indices(model, list(args.block), args.by)
     except ValueError as err:
         raise CLIError(f"--block {list(args.block)}: {first_line(err)}") from None
 
@@ -147,7 +147,7 @@ def prepare(args):
         "num_examples": int(len(x)),
         "batch_size": int(min(batch, len(x))),
         "loss": loss_name + (" (from logits)" if args.from_logits else ""),
-        "groups": args.groups,
+        "by": args.by,
         "block": args.block,
         "seed": args.seed,
         "mode": args.mode,
@@ -190,14 +190,11 @@ def _estimate(args):
     from keras_hesstrace import plots
 
     model, data, labels, loss, meta = prepare(args)
-    groups = args.groups
-    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, groups=groups, seed=args.seed, loss=loss,
-                             mode=args.mode, verbose=1)
+    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, by=args.by, groups=_block(args),
+                             seed=args.seed, loss=loss, mode=args.mode, verbose=1)
     frame = result.to_frame()
-    if args.block:
-        frame = frame.loc[args.block]  # the names were checked by prepare()
     print()
-    print(result if not args.block else frame.to_string(float_format=lambda v: f"{v:.4g}"))
+    print(result)
     out = _out_dir(args)
     if out:
         frame.to_csv(os.path.join(out, "traces.csv"))
@@ -207,7 +204,7 @@ def _estimate(args):
             "total_trace": result.total, "total_stderr": result.total_stderr,
             "groups_table": frame.reset_index().to_dict(orient="records"),
         })
-        plots.plot_traces(frame, os.path.join(out, "traces.png"), title=f"Per-{groups} Hessian trace ({result.num_probes} probes)")
+        plots.plot_traces(frame, os.path.join(out, "traces.png"), title=f"Per-{args.by} Hessian trace ({result.num_probes} probes)")
         print(f"wrote traces.csv, estimate.json, traces.png to {out}")
     return 0
 
@@ -218,7 +215,7 @@ def _eigen(args):
     model, data, labels, loss, meta = prepare(args)
     result = spectrum.top_eigenvalues(
         model, data, labels, k=args.k, max_iter=args.max_iter, tol=args.tol, method=args.method, which=args.which,
-        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
+        loss=loss, groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -242,7 +239,7 @@ def _density(args):
     model, data, labels, loss, meta = prepare(args)
     result = spectrum.spectral_density(
         model, data, labels, num_runs=args.num_runs, lanczos_steps=args.lanczos_steps, sigma=args.sigma,
-        loss=loss, groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
+        loss=loss, groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -267,7 +264,7 @@ def _landscape(args):
     model, data, labels, loss, meta = prepare(args)
     result = landscape.loss_landscape(
         model, data, labels, directions=args.directions, grid=args.grid, span=args.span, loss=loss,
-        groups=_block(args), by=args.groups, seed=args.seed, mode=args.mode, verbose=1,
+        groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
     )
     print()
     print(result)
@@ -304,11 +301,12 @@ def _common(p):
     p.add_argument("--loss", default=None, metavar="NAME",
                    help="a Keras loss name (default: the loss the model was compiled with)")
     p.add_argument("--from-logits", action="store_true", help="with --loss: the model outputs logits")
-    p.add_argument("--groups", choices=("layer", "variable"), default="layer",
-                   help="how parameters are grouped: one group per layer (default) or per variable")
-    p.add_argument("--block", action="append", default=None, metavar="GROUP",
-                   help="restrict to this group's block of the Hessian (repeat for several; names as printed by "
-                        "'estimate')")
+    p.add_argument("--by", "--groups", dest="by", choices=("layer", "variable"), default="layer",
+                   help="how parameters are grouped: one group per layer (default) or per variable "
+                        "(--groups is the older name of this flag)")
+    p.add_argument("--group", "--block", dest="block", action="append", default=None, metavar="GROUP",
+                   help="use only this group: its block of the Hessian, or its row of the estimate (repeat for "
+                        "several; names as printed by 'estimate'; --block is the older name of this flag)")
     p.add_argument("--out", default=None, metavar="DIR", help="write CSV, JSON and PNG files to DIR")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--split", default="train", help="tfds split (default train)")

@@ -9,6 +9,7 @@ variables one group, named by its path in the model; a layer called several time
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections import OrderedDict
 
 import keras
@@ -198,3 +199,58 @@ def group_indices(model, groups):
 def group_sizes(groups):
     """Number of scalar parameters in each group, as an int array of shape [G]."""
     return np.array([sum(int(np.prod(v.shape)) for v in vs) for vs in groups.values()], dtype=np.int64)
+
+
+_SPEC_NAMES = ("layer", "variable")
+
+
+def is_grouping_spec(value) -> bool:
+    """True when ``value`` says HOW to group (a ``by=``), not WHICH groups (a ``groups=``).
+
+    The specs are ``"layer"``, ``"variable"``, a callable and a dict (of path patterns, or
+    an explicit ``{name: [variables]}``); a selection is a group name or a list of names.
+    """
+    return (isinstance(value, str) and value in _SPEC_NAMES) or callable(value) or isinstance(value, dict)
+
+
+def select_groups(mapping, groups=None, by="layer"):
+    """The groups of ``mapping`` named in ``groups``, in the order given.
+
+    Args:
+        mapping: ``{name: [variables]}`` from :func:`layer_groups`.
+        groups: ``None`` (all of them), a group name, or a list of group names.
+        by: the grouping that made ``mapping``, named in the error message.
+
+    Returns:
+        ``OrderedDict`` name -> variables.
+
+    Raises:
+        ValueError: an empty selection or a name not in ``mapping`` (the message lists them).
+    """
+    if groups is None:
+        return OrderedDict(mapping)
+    wanted = [groups] if isinstance(groups, str) else list(groups)
+    if not wanted:
+        raise ValueError("groups is empty: pass a group name, a list of names, or None for every group.")
+    missing = [g for g in wanted if g not in mapping]
+    if missing:
+        by_text = by if isinstance(by, str) else type(by).__name__
+        raise ValueError(f"Unknown group(s) {missing}; the groups (by={by_text!r}) are: {list(mapping)}")
+    return OrderedDict((g, mapping[g]) for g in wanted)
+
+
+def split_grouping(by, groups, stacklevel=2):
+    """``(by, groups)`` with a grouping passed as ``groups=`` (the old spelling) moved to ``by=``.
+
+    ``by`` says how to group and ``groups`` which groups to use, everywhere in the
+    package. A grouping spec given as ``groups=`` while ``by`` is left at ``"layer"``
+    is taken as ``by=`` with a DeprecationWarning.
+    """
+    if groups is not None and is_grouping_spec(groups):
+        if by != "layer":
+            raise ValueError(f"groups={groups!r} is a grouping, and by={by!r} is one too: pass the grouping as by= "
+                             "and the group names to use as groups=.")
+        warnings.warn("groups= now selects group names; pass the grouping as by= (e.g. by='variable').",
+                      DeprecationWarning, stacklevel=stacklevel + 1)
+        return groups, None
+    return by, groups

@@ -9,7 +9,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace.batches import check_reiterable, resolve_data
-from keras_hesstrace.groups import group_indices, layer_groups
+from keras_hesstrace.groups import group_indices, layer_groups, select_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
 from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
 
@@ -22,17 +22,11 @@ def block_indices(model, groups=None, by="layer"):
         by: the grouping (see :func:`keras_hesstrace.layer_groups`).
     """
     mapping = layer_groups(model, by=by)
-    names, indices = group_indices(model, mapping)
     if groups is None:
+        names, _ = group_indices(model, mapping)
         return names, tuple(range(len(model.trainable_variables)))
-    wanted = [groups] if isinstance(groups, str) else list(groups)
-    if not wanted:
-        raise ValueError("groups is empty: pass a group name, a list of names, or None for the whole model.")
-    missing = [g for g in wanted if g not in names]
-    if missing:
-        raise ValueError(f"Unknown group(s) {missing}; the groups (by={by!r}) are: {list(names)}")
-    chosen = sorted({i for g in wanted for i in indices[names.index(g)]})
-    return tuple(wanted), tuple(chosen)
+    names, indices = group_indices(model, select_groups(mapping, groups, by))
+    return tuple(names), tuple(sorted({i for idx in indices for i in idx}))
 
 
 class ModelHessian:

@@ -16,7 +16,7 @@ import tensorflow as tf
 import keras
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.groups import group_indices, group_sizes, layer_groups
+from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to_tensors
 from keras_hesstrace.batches import is_dataset, iterate_batches, resolve_data, split_batch  # noqa: F401
 from keras_hesstrace.losses import check_mean_reduction  # noqa: F401 (the callback's import)
@@ -125,7 +125,8 @@ def layer_traces(
     x,
     y=None,
     num_probes: int = 10,
-    groups="layer",
+    by="layer",
+    groups=None,
     seed: int | None = None,
     probe: str = "rademacher",
     loss=None,
@@ -147,8 +148,14 @@ def layer_traces(
             :func:`resolve_data` gives the rules.
         y: the batch's targets (omit when x is ``(x, y)`` or a dataset).
         num_probes: M, the number of probes (HVPs per batch).
-        groups: a grouping for :func:`layer_groups` (``"layer"``, ``"variable"``,
-            a callable, a dict of patterns) or a mapping name -> variables.
+        by: how to group the variables, as :func:`layer_groups` takes it
+            (``"layer"``, ``"variable"``, a callable, a dict of path patterns, or a
+            mapping name -> variables). Defaults to ``"layer"``.
+        groups: which groups to report: ``None`` (all, the default), a group name or
+            a list of names. Every probe's one HVP serves all groups, so a selection
+            saves no compute; ``result.total`` is always over the whole model. (Earlier
+            versions took the grouping as ``groups=``: a grouping given there is still
+            used as ``by=``, with a DeprecationWarning.)
         seed: base seed (int); probe m uses the stateless seed (seed, m), so the
             same seed gives the same probes. ``None`` draws one (kept in the result).
         probe: "rademacher" (default, minimum variance) or "gaussian".
@@ -189,7 +196,8 @@ def layer_traces(
     num_probes = check_integer("num_probes", num_probes)
     check_probe(probe)
     x, y, dataset_mode = resolve_data(x, y, "layer_traces")
-    mapping = layer_groups(model, by=groups)
+    by, groups = split_grouping(by, groups, stacklevel=3)
+    mapping = select_groups(layer_groups(model, by=by), groups, by)
     names, indices = group_indices(model, mapping)
     sizes = group_sizes(mapping)
     op = hessian_operator(model, loss, None, mode, jit_compile, strategy)

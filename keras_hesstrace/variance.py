@@ -158,7 +158,7 @@ def variance_components(samples):
     return msw, np.maximum(0.0, (msb - msw) / m)
 
 
-def probe_budget(model, batches, num_probes=10, groups="layer", loss=None, seed=0, num_batches=None, verbose=0):
+def probe_budget(model, batches, num_probes=10, by="layer", loss=None, seed=0, num_batches=None, verbose=0, groups=None):
     """σ_v², σ_B² and the critical probe count M* = σ_v²/σ_B² per group.
 
     Runs :func:`~keras_hesstrace.layer_traces` with ``num_probes`` probes on each of
@@ -168,7 +168,8 @@ def probe_budget(model, batches, num_probes=10, groups="layer", loss=None, seed=
         model: a built Keras model.
         batches: a ``tf.data.Dataset`` or iterable of (x, y) batches (at least 2).
         num_probes: probes per batch (at least 2).
-        groups, loss: as for ``layer_traces``.
+        by, loss: as for ``layer_traces`` (a grouping given as ``groups=``, the old
+            spelling, is taken as ``by=`` with a DeprecationWarning).
         seed: base seed; batch b uses seed + b.
         num_batches: how many batches to use (default: all).
         verbose: print one line per batch.
@@ -177,13 +178,16 @@ def probe_budget(model, batches, num_probes=10, groups="layer", loss=None, seed=
         :class:`ProbeBudget`.
     """
     from keras_hesstrace.batches import iterate_batches
+    from keras_hesstrace.groups import split_grouping
     from keras_hesstrace.trace import layer_traces
+
+    by, _ = split_grouping(by, groups, stacklevel=3)
 
     if int(num_probes) < 2:
         raise ValueError("probe_budget needs num_probes >= 2 to estimate the per-probe variance.")
     per_batch, names = [], None
     for b, (xb, yb) in enumerate(iterate_batches(batches, num_batches)):
-        r = layer_traces(model, xb, yb, num_probes=num_probes, groups=groups, seed=seed + b, loss=loss, verbose=0)
+        r = layer_traces(model, xb, yb, num_probes=num_probes, by=by, seed=seed + b, loss=loss, verbose=0)
         if not r.finite:
             raise ValueError(f"Batch {b} gave a non-finite Hessian trace; cannot split the variance.")
         per_batch.append(r.samples)

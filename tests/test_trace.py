@@ -101,7 +101,7 @@ def test_stage_and_variable_groupings():
     stages = {"inner/*": "inner", "stem": "rest", "head": "rest"}
     mapping = kh.layer_groups(model, stages)
     assert list(mapping) == ["rest", "inner"]
-    r = kh.layer_traces(model, x, y, num_probes=300, seed=2, groups=stages, loss=xent64())
+    r = kh.layer_traces(model, x, y, num_probes=300, seed=2, by=stages, loss=xent64())
     pos = {id(v): i for i, v in enumerate(model.trainable_variables)}
     sizes = [int(np.prod(v.shape)) for v in model.trainable_variables]
     edges = np.cumsum([0] + sizes)
@@ -109,7 +109,7 @@ def test_stage_and_variable_groupings():
     for name, vs in mapping.items():
         exact = sum(diag[edges[pos[id(v)]] : edges[pos[id(v)] + 1]].sum() for v in vs)
         assert abs(r[name] - exact) < 4 * r.stderr[r.groups.index(name)]
-    rv = kh.layer_traces(model, x, y, num_probes=2, seed=2, groups="variable", loss=xent64())
+    rv = kh.layer_traces(model, x, y, num_probes=2, seed=2, by="variable", loss=xent64())
     assert len(rv.groups) == len(model.trainable_variables)
 
 
@@ -246,3 +246,25 @@ def test_max_batch_size_bad_values_and_a_summed_loss_are_refused():
     a = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64(), max_batch_size=12)
     b = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64())
     np.testing.assert_array_equal(a.samples, b.samples)
+
+
+def test_by_groups_and_a_selection_of_groups():
+    model = mt.mlp()
+    x, y = mt.data()
+    full = kh.layer_traces(model, x, y, num_probes=3, seed=4, loss=xent64())
+    chosen = kh.layer_traces(model, x, y, num_probes=3, seed=4, loss=xent64(), groups=["head", "hidden"])
+    assert chosen.groups == ("head", "hidden")
+    np.testing.assert_array_equal(chosen.samples, full.samples[:, [2, 0]])  # the same probes, a subset
+    np.testing.assert_array_equal(chosen.total_samples, full.total_samples)  # total: still the whole model
+    one = kh.layer_traces(model, x, y, num_probes=3, seed=4, loss=xent64(), groups="head")
+    assert one.groups == ("head",)
+    with pytest.raises(ValueError, match=r"Unknown group\(s\) \['nope'\].*hidden, hidden2, head|Unknown group"):
+        kh.layer_traces(model, x, y, num_probes=2, loss=xent64(), groups=["nope"])
+    by_variable = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64(), by="variable")
+    # The old spelling: a grouping given as groups= still works, with a DeprecationWarning.
+    with pytest.warns(DeprecationWarning, match="pass the grouping as by="):
+        old = kh.layer_traces(model, x, y, num_probes=2, seed=1, loss=xent64(), groups="variable")
+    assert old.groups == by_variable.groups and len(old.groups) == 6
+    np.testing.assert_array_equal(old.samples, by_variable.samples)
+    with pytest.raises(ValueError, match="is a grouping, and by="):
+        kh.layer_traces(model, x, y, num_probes=2, loss=xent64(), by="variable", groups="layer")
