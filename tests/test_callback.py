@@ -468,3 +468,76 @@ def test_resume_restores_a_reference_snapshot_and_refuses_another_detector(tmp_p
     assert cb.detectors["total"].reference_value == pytest.approx(np.log(total.trace[1]))
     cols = ["step", "group", "trace", "status", "z", "g_pos", "g_neg", "alert"]
     pd.testing.assert_frame_equal(pd.read_csv(path)[cols], full[cols], rtol=1e-6)
+
+
+def open_paths():
+    """Paths this process holds open (Linux /proc; empty elsewhere)."""
+    import os
+
+    fd_dir = "/proc/self/fd"
+    if not os.path.isdir(fd_dir):
+        return set()
+    out = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            out.add(os.path.realpath(os.readlink(os.path.join(fd_dir, fd))))
+        except OSError:
+            pass
+    return out
+
+
+def test_nothing_is_opened_at_construction_and_all_is_closed_after_fit(tmp_path):
+    cb = HessianTraceCallback(data(), every_n_steps=2, csv_path=tmp_path / "t.csv",
+                              log_dir=tmp_path / "logs", verbose=0)
+    assert not (tmp_path / "t.csv").exists() and not (tmp_path / "logs").exists()
+    model = small_model()
+    x, y = data()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert (tmp_path / "logs" / "train").is_dir()
+    assert not any(p.startswith(str(tmp_path)) for p in open_paths())
+
+
+def test_a_fit_that_raises_leaves_a_closed_complete_csv(tmp_path):
+    x, y = data()
+    path = tmp_path / "t.csv"
+
+    class Boom(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 3:  # after the snapshots at steps 0 and 2
+                raise RuntimeError("boom")
+
+    model = small_model()
+    with HessianTraceCallback((x[:32], y[:32]), every_n_steps=2, csv_path=path,
+                              log_dir=tmp_path / "logs", verbose=0) as cb:
+        with pytest.raises(RuntimeError, match="boom"):
+            model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb, Boom()])
+        # Keras called no on_train_end; the CSV is complete and closed already.
+        assert not any(p == str(path.resolve()) for p in open_paths())
+        frame = pd.read_csv(path)
+        assert sorted(frame.step.unique()) == [0, 2] and len(frame) == 6
+        assert cb._tensorboard._writer is not None  # open until the with block ends
+    assert cb._tensorboard._writer is None
+    assert not any(p.startswith(str(tmp_path)) for p in open_paths())
+    assert read_scalars(tmp_path / "logs")["hessian_trace/total"].keys() == {0, 2}
+
+
+def test_reuse_across_fits_continues_a_run_and_restarts_for_a_new_one():
+    x, y = data()
+    cb = HessianTraceCallback((x[:32], y[:32]), every_n_steps=2, num_probes=2, verbose=0,
+                              layers=["head"], detector=PageHinkley(delta=0.0, threshold=1e9))
+    model = small_model()
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0..4
+    assert [h["step"] for h in cb.history] == [0, 2, 4]
+    # A second fit of the same run continues the record (no duplicate of step 4).
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 4..8
+    assert [h["step"] for h in cb.history] == [0, 2, 4, 6, 8]
+    assert cb.detectors["head"].n_updates == 5
+    # A new model starts fresh: before, its snapshots up to step 8 were silently skipped.
+    fresh = small_model(seed=1)
+    fresh.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert [h["step"] for h in cb.history] == [0, 2, 4]
+    assert cb.detectors["head"].n_updates == 3
+    # So does the same model after its optimiser is reset.
+    fresh.optimizer.iterations.assign(0)
+    fresh.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+    assert [h["step"] for h in cb.history] == [0, 2, 4]

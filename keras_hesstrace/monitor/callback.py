@@ -12,11 +12,18 @@ snapshots the hook does integer arithmetic only, reads nothing from the device a
 not override ``on_train_batch_end``, so Keras keeps its asynchronous batch-end dispatch.
 
 Mixed precision. For a model with a mixed policy (e.g. ``mixed_float16``: float32
-variables, float16 compute), the snapshot switches every such layer to its variable dtype
-while the curvature is computed, so the Hessian is float32 throughout, and switches it
-back before returning. The float32 Hessian functions are traced once, at the first
-snapshot, and kept by the callback (not in the model's operator cache, which keeps the
-model's own-policy functions).
+variables, float16 compute), the snapshot computes the curvature in float32
+(``keras_hesstrace.monitor.precision``); the float32 Hessian functions are traced once,
+at the first snapshot, and kept by the callback.
+
+Files. Nothing is opened at construction. The CSV (``keras_hesstrace.monitor.csv_log``)
+is prepared at ``on_train_begin`` and written through: each snapshot's rows are appended
+and the file closed again, so a fit that raises leaves a closed CSV holding every
+finished snapshot. The TensorBoard writer is created at the first snapshot and closed in
+``on_train_end``; Keras calls no ``on_train_end`` when ``fit`` raises, so close it with
+``close()`` in a ``finally`` or use the callback as a context manager
+(``with HessianTraceCallback(...) as cb: model.fit(..., callbacks=[cb])``); a writer
+left open by a failed fit is also closed at the next ``on_train_begin``.
 
 Resuming. The CSV is the detector's memory: at ``on_train_begin`` a callback pointed at
 an existing CSV restores each detector (snapshot index = number of rows of its group,
@@ -27,29 +34,25 @@ discarded) are removed from the file, with a warning. With a ``tf.data.Dataset``
 snapshot k uses the same batch as in an uninterrupted run.
 """
 
-import contextlib
-import csv
 import logging
 import math
 import os
 import time
 import warnings
 
-import numpy as np
-import tensorflow as tf
 import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups
-from keras_hesstrace.hvp import DEFAULT_MODE, _CACHE_ATTR, check_mode, resolve_loss
+from keras_hesstrace.hvp import DEFAULT_MODE, check_mode, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
+from keras_hesstrace.monitor.csv_log import TOTAL, SnapshotCsv, csv_columns, replay_detectors
 from keras_hesstrace.monitor.detector import PageHinkley
-from keras_hesstrace.trace import check_mean_reduction, layer_traces, resolve_data
+from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
+from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
+from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars
+from keras_hesstrace.trace import check_mean_reduction, layer_traces
 
-TOTAL = "total"
-_BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
-                 "wall_time", "status"]
-_DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
 _NAN = float("nan")
 _logger = logging.getLogger("keras_hesstrace")
 
@@ -65,44 +68,6 @@ def _say(message):
         print(message, flush=True)
     else:
         _logger.info(message)
-
-
-def mixed_precision_layers(model):
-    """The layers of ``model`` (itself and nested ones) whose compute dtype differs from
-    their variable dtype, e.g. under the ``mixed_float16`` policy."""
-    out = []
-    for layer in model._flatten_layers(include_self=True, recursive=True):
-        if isinstance(layer.dtype_policy, keras.dtype_policies.DTypePolicyMap):
-            continue  # quantised per-path policies: left as they are
-        if layer.compute_dtype != layer.variable_dtype:
-            out.append(layer)
-    return out
-
-
-@contextlib.contextmanager
-def float32_curvature(model, layers, cache):
-    """Within the block, ``layers`` compute in their variable dtype and ``model``'s
-    Hessian operators come from ``cache`` (a dict kept by the caller).
-
-    Keras reads the dtype policy when a function is traced, not when it runs, so
-    the operators traced here compute in float32 whatever the policy is later; the
-    separate cache keeps them apart from the model's own mixed-precision operators.
-    Policies and cache are restored on exit, also when the block raises.
-    """
-    saved_policies = [(layer, layer.dtype_policy) for layer in layers]
-    saved_cache = model.__dict__.get(_CACHE_ATTR)
-    object.__setattr__(model, _CACHE_ATTR, cache)
-    try:
-        for layer, policy in saved_policies:
-            layer.dtype_policy = policy.variable_dtype
-        yield
-    finally:
-        for layer, policy in saved_policies:
-            layer.dtype_policy = policy
-        if saved_cache is None:
-            object.__delattr__(model, _CACHE_ATTR)
-        else:
-            object.__setattr__(model, _CACHE_ATTR, saved_cache)
 
 
 class HessianTraceCallback(keras.callbacks.Callback):
@@ -145,6 +110,20 @@ class HessianTraceCallback(keras.callbacks.Callback):
     cannot score), then z, g_pos, g_neg, alert when a detector is set (empty for groups
     without one; z is NaN at the snapshots up to a detector's reference snapshot).
 
+    Reusing one instance across fits. A fit that starts, on the same model, at or after
+    the last snapshot this instance recorded continues its record (``history``, the
+    detectors' state, the dataset's position), as a second ``fit`` call continuing the
+    same run does. A fit on another model, or one starting before that snapshot (a
+    reset optimiser, an earlier checkpoint), starts fresh: ``history`` is cleared, the
+    detectors are reset and the dataset starts from its first batch. With ``csv_path``
+    the CSV then decides what is restored (see the module docstring: rows past the
+    start step are removed, the detectors and the dataset position are restored from the
+    rest).
+
+    Closing. ``on_train_end`` closes the TensorBoard writer. When ``fit`` raises Keras
+    calls no ``on_train_end``: call ``close()`` (e.g. in a ``finally``) or use the
+    callback as a context manager. The CSV is closed after every snapshot anyway.
+
     Example:
         >>> cb = HessianTraceCallback((x[:256], y[:256]), every_n_steps=50,
         ...                           csv_path="traces.csv", log_dir="logs")
@@ -162,23 +141,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
             check_integer(name, value)
         check_integer("max_batch_size", max_batch_size, none="no chunking")
         check_mode(mode)
-        if isinstance(data, tf.data.Dataset):
-            if data.cardinality() == 0:
-                raise ValueError("data is an empty tf.data.Dataset.")
-        else:
-            # The estimators' own rule for "one batch" (trace.resolve_data), so that what
-            # layer_traces(model, data) reads as one batch is one batch here too.
-            try:
-                one_batch = not resolve_data(data, None, caller="layer_traces")[2]
-            except ValueError:
-                one_batch = False
-            if not one_batch:
-                raise ValueError(
-                    f"data must be ONE fixed batch, the tuple (x, y), or a tf.data.Dataset of (x, y) "
-                    f"batches (a new batch at each snapshot); got a {type(data).__name__}"
-                    + (f" of {len(data)} elements" if isinstance(data, (tuple, list)) else "")
-                    + ". Several batches: tf.data.Dataset.from_tensor_slices((x, y)).batch(B)."
-                )
+        check_snapshot_data(data)
         if csv_path is not None:
             csv_path = os.fspath(csv_path)
             parent = os.path.dirname(os.path.abspath(csv_path))
@@ -215,15 +178,43 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.loss = loss
         self._trace_options = dict(probes_per_call=probes_per_call, max_batch_size=max_batch_size,
                                    mode=mode)
-        self.detectors = None
+        # State across fits (see "Reusing one instance across fits").
+        self.detectors = None  # dict group -> PageHinkley, resolved at the first fit
         self.history = []  # one dict per snapshot: step, epoch, TraceResult
-        self._iterator = None
-        self._skip_batches = 0
-        self._writer = None
-        self._csv_file = None
-        self._last_recorded = -1
+        self._recorded_model = None  # the model the history belongs to
+        self._last_recorded = -1  # step of the last snapshot recorded (-1: none)
         self._float32_cache = {}  # Hessian operators traced in float32 (mixed precision)
+        # Outputs: the CSV is written through; the TensorBoard writer is made lazily.
+        self._csv = None
+        self._tensorboard = None if self.log_dir is None else TensorBoardScalars(self.log_dir)
+        # State of the current fit, set at on_train_begin.
+        self._names = []  # the recorded groups, without "total"
         self._mixed_layers = []
+        self._step = 0  # the optimiser step, counted in Python between reads
+        self._epoch = None
+        self._epoch_start_step = 0
+        self._first_epoch = True
+        self._batches = SnapshotBatches(data)  # the dataset's position
+        self._skip_batches = 0  # batches the next fit skips (snapshots already recorded)
+
+    # -------------------------------------------------------------- lifetime
+
+    def close(self):
+        """Close the TensorBoard writer (the CSV is closed after every snapshot).
+
+        ``on_train_end`` calls it; call it yourself when ``fit`` raises, or use the
+        callback as a context manager. Idempotent; a later fit reopens what it needs.
+        """
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+        self._batches.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+        return False
 
     # ------------------------------------------------------------------ setup
 
@@ -262,125 +253,27 @@ class HessianTraceCallback(keras.callbacks.Callback):
                              f"{recordable}.")
         return dict(det)
 
-    def _next_batch(self):
-        if not isinstance(self.data, tf.data.Dataset):
-            return self.data
-        for attempt in range(2):
-            if self._iterator is None:
-                data = self.data
-                if self._skip_batches:  # line up with the snapshots already recorded
-                    card = int(data.cardinality())
-                    skip = self._skip_batches % card if card > 0 else self._skip_batches
-                    data = data.skip(skip)
-                    self._skip_batches = 0
-                self._iterator = iter(data)
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                self._iterator = None
-                continue
-            if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-                raise ValueError("data must yield (x, y) batches.")
-            return batch
-        raise ValueError("data (tf.data.Dataset) yielded no batch.")
-
-    def _columns(self):
-        return _BASE_COLUMNS + (_DETECTOR_COLUMNS if self.detectors else [])
+    def _start_fresh_if_new_run(self, step):
+        """Clear the record when this fit is not a continuation of the recorded one."""
+        if self._recorded_model is self.model and step >= self._last_recorded:
+            return
+        self.history = []
+        self._last_recorded = -1
+        for det in self.detectors.values():
+            det.reset()
+        self._recorded_model = self.model
 
     def _open_csv(self, step):
-        """Open the CSV for appending; on resume restore the detectors from it.
+        """Prepare the CSV; on resume restore the detectors and dataset position from it.
 
-        Returns the last recorded step (-1 for a new file).
+        Returns the last recorded step (-1 when the file holds no snapshot).
         """
-        columns = self._columns()
-        rows = []
-        if os.path.exists(self.csv_path) and os.path.getsize(self.csv_path) > 0:
-            with open(self.csv_path, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader)
-                if header != columns:
-                    raise ValueError(
-                        f"{self.csv_path!r} has columns {header}, this callback writes "
-                        f"{columns}: use another csv_path."
-                    )
-                rows = [dict(zip(columns, row)) for row in reader if row]
-            later = [r for r in rows if int(r["step"]) > step]
-            if later:
-                rows = [r for r in rows if int(r["step"]) <= step]
-                warnings.warn(
-                    f"{self.csv_path!r} holds snapshots up to step "
-                    f"{max(int(r['step']) for r in later)} but the fit resumes from step "
-                    f"{step}: removing the {len(later)} rows after step {step} (a trajectory "
-                    "the restored checkpoint discarded).",
-                    stacklevel=3,
-                )
-                tmp = self.csv_path + ".tmp"
-                with open(tmp, "w", newline="") as f:
-                    writer = csv.writer(f)
-                    writer.writerow(columns)
-                    writer.writerows([r[c] for c in columns] for r in rows)
-                os.replace(tmp, self.csv_path)
-            self._restore(rows)
-        new = not rows and not (os.path.exists(self.csv_path)
-                                and os.path.getsize(self.csv_path) > 0)
-        self._csv_file = open(self.csv_path, "a", newline="")
-        self._csv_writer = csv.writer(self._csv_file)
-        if new:
-            self._csv_writer.writerow(columns)
-            self._csv_file.flush()
+        self._csv = SnapshotCsv(self.csv_path, csv_columns(bool(self.detectors)))
+        rows = self._csv.prepare(step)
+        if rows:
+            replay_detectors(self.csv_path, rows, self.detectors, self._names)
+            self._skip_batches = len({r["step"] for r in rows})
         return max((int(r["step"]) for r in rows), default=-1)
-
-    def _restore(self, rows):
-        """Detector state and dataset position from the CSV rows of earlier fits."""
-        if not rows:
-            return
-        expected = set(self._names) | {TOTAL}
-        found = {r["group"] for r in rows}
-        if found != expected:
-            raise ValueError(
-                f"{self.csv_path!r} records groups {sorted(found)}, this callback records "
-                f"{sorted(expected)}: use another csv_path, or the same groups/layers."
-            )
-        self._skip_batches = len({r["step"] for r in rows})
-        for g, det in self.detectors.items():
-            mine = [r for r in rows if r["group"] == g]
-            if any(r["g_pos"].strip() in ("", "nan") for r in mine):
-                raise ValueError(
-                    f"{self.csv_path!r} has rows of group {g!r} written without a detector "
-                    "on it, so its detector cannot be restored: use another csv_path."
-                )
-            # Replay the recorded values: restores g+, g-, the first alert and a
-            # reference snapshot's value exactly (the CSV holds the floats' repr).
-            det.reset()
-            replayed, problem = [], None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # an overrun="hold" warning was given then
-                for r in mine:
-                    step = int(r["step"])
-                    try:
-                        if r["status"] == "ok":
-                            det.update(float(r["trace"]), step=step)
-                        else:
-                            det.skip(step, float(r["trace"]))
-                    except ValueError as e:
-                        problem = f"at step {step} this detector refuses the recorded value ({e})"
-                        break
-                    replayed.append((det.g_pos, det.g_neg))
-            if problem is None:
-                recorded = np.array([(float(r["g_pos"]), float(r["g_neg"])) for r in mine])
-                close = np.all(np.isclose(np.array(replayed), recorded, rtol=1e-9, atol=1e-12),
-                               axis=1)
-                if not close.all():
-                    i = int(np.argmin(close))
-                    problem = (f"at step {mine[i]['step']} replaying gives g+, g- = "
-                               f"{replayed[i][0]:.6g}, {replayed[i][1]:.6g}, the CSV says "
-                               f"{recorded[i][0]:.6g}, {recorded[i][1]:.6g}")
-            if problem is not None:
-                raise ValueError(
-                    f"{self.csv_path!r}: group {g!r}'s rows were written with another "
-                    f"detector (calibration): {problem}. Use another csv_path, or the same "
-                    "detector."
-                )
 
     def _check_overrun(self, epoch):
         """Raise before the first step when the fit will outrun a detector's baseline."""
@@ -405,7 +298,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     "overrun='hold' (e.g. Calibration.detectors(overrun='hold'))."
                 )
 
+    # ------------------------------------------------------------------ hooks
+
     def on_train_begin(self, logs=None):
+        self.close()  # whatever a fit that raised left open
         names = self._resolve_groups()
         if self._trace_options["max_batch_size"] is not None:
             check_mean_reduction(resolve_loss(self.model, self.loss), "max_batch_size")
@@ -415,15 +311,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._mixed_layers = mixed_precision_layers(self.model)
         # One read of the step counter per fit; afterwards the step is counted in Python.
         self._step = int(self.model.optimizer.iterations.numpy())
+        self._start_fresh_if_new_run(self._step)
         # A dataset restarts at each fit: skip the batches of the snapshots already taken
         # (counted by this callback, or restored from the CSV below).
         self._skip_batches = len(self.history)
         if self.csv_path is not None:
             self._last_recorded = self._open_csv(self._step)
-        if self.log_dir is not None:
-            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
-        if isinstance(self.data, tf.data.Dataset):
-            self._next_batch_cache = self._next_batch()  # fails now on an empty dataset
+        self._batches.restart(self._skip_batches)  # fails now on an empty dataset
         self._epoch = None
         self._first_epoch = True
 
@@ -449,15 +343,26 @@ class HessianTraceCallback(keras.callbacks.Callback):
             self._snapshot(step)
 
     def on_train_end(self, logs=None):
-        if self._csv_file is not None:
-            self._csv_file.close()
-            self._csv_file = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        self._iterator = None
+        self.close()
 
     # --------------------------------------------------------------- snapshot
+
+    def _snapshot(self, step):
+        """Measure, score, record, then warn and alert: one snapshot at ``step``."""
+        if step <= self._last_recorded:
+            return  # already recorded (a resumed or continued fit)
+        probe_seed = snapshot_seed(self.seed, step)
+        result = self._traces(*self._batches.next(), probe_seed)
+        wall = time.time()
+        values = self._values(result)
+        rows, alerts, bad = self._score(step, values, probe_seed, wall)
+        self.history.append({"step": step, "epoch": self._epoch, "result": result})
+        self._last_recorded = step
+        self._record(step, rows, values)
+        if bad:
+            self._warn_unusable(step, bad, result.loss)
+        for g, r in alerts:
+            self._alert(step, g, r)
 
     def _traces(self, x, y, probe_seed):
         with warnings.catch_warnings():
@@ -473,24 +378,18 @@ class HessianTraceCallback(keras.callbacks.Callback):
                                     groups=self.groups, seed=probe_seed, loss=self.loss,
                                     verbose=0, **self._trace_options)
 
-    def _snapshot(self, step):
-        if step <= self._last_recorded:
-            return  # already in the CSV (a resumed fit)
-        cached = getattr(self, "_next_batch_cache", None)
-        if cached is not None:
-            x, y = cached
-            self._next_batch_cache = None
-        else:
-            x, y = self._next_batch()
-        probe_seed = snapshot_seed(self.seed, step)
-        result = self._traces(x, y, probe_seed)
-        wall = time.time()
+    def _values(self, result):
+        """dict group -> (trace, stderr) of the recorded groups and ``"total"``."""
         values = {g: (float(result.trace[result.groups.index(g)]),
                       float(result.stderr[result.groups.index(g)])) for g in self._names}
         values[TOTAL] = (result.total, result.total_stderr)
+        return values
+
+    def _score(self, step, values, probe_seed, wall):
+        """The CSV rows of one snapshot, its first alerts and its unusable groups;
+        feeds the detectors."""
         rows, alerts, bad = [], [], []
-        for g in self._names + [TOTAL]:
-            value, err = values[g]
+        for g, (value, err) in values.items():
             status = "ok" if math.isfinite(value) else "nonfinite"
             if status != "ok":
                 value, err = _NAN, _NAN
@@ -510,38 +409,34 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     if r.first_alert:
                         alerts.append((g, r))
             rows.append(row + [status] + extra)
-        self.history.append({"step": step, "epoch": self._epoch, "result": result})
-        self._last_recorded = step
-        if self._csv_file is not None:
-            self._csv_writer.writerows(rows)
-            self._csv_file.flush()
-        if self._writer is not None:
-            with self._writer.as_default(step=step):
-                for g in self._names + [TOTAL]:
-                    if math.isfinite(values[g][0]):
-                        tf.summary.scalar(f"hessian_trace/{g}", values[g][0])
-                for g, det in (self.detectors or {}).items():
-                    tf.summary.scalar(f"hessian_trace_detector/{g}", det.statistic)
-                    tf.summary.scalar(f"hessian_trace_alert/{g}", float(det.alerted))
-            self._writer.flush()
-        if bad:
-            warnings.warn(
-                f"HessianTraceCallback: step {step} (epoch {self._epoch}): unusable trace "
-                f"for group(s) {bad} (loss {result.loss:.4g}); written with status "
-                "'nonfinite' (trace NaN), 'nonpositive' or 'unreferenced' (after a skipped "
-                "reference snapshot), and skipped by the detector (snapshot index "
-                "advanced, g+ and g- unchanged).",
-                RuntimeWarning,
-                stacklevel=2,
+        return rows, alerts, bad
+
+    def _record(self, step, rows, values):
+        if self._csv is not None:
+            self._csv.append(rows)
+        if self._tensorboard is not None:
+            self._tensorboard.write(step, {g: v for g, (v, _) in values.items()},
+                                    self.detectors or {})
+
+    def _warn_unusable(self, step, bad, loss):
+        warnings.warn(
+            f"HessianTraceCallback: step {step} (epoch {self._epoch}): unusable trace "
+            f"for group(s) {bad} (loss {loss:.4g}); written with status "
+            "'nonfinite' (trace NaN), 'nonpositive' or 'unreferenced' (after a skipped "
+            "reference snapshot), and skipped by the detector (snapshot index "
+            "advanced, g+ and g- unchanged).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+    def _alert(self, step, g, r):
+        if self.verbose:
+            _say(
+                f"\nHessianTraceCallback: alert on group {g!r} at step {step} "
+                f"(epoch {self._epoch}): statistic {r.statistic:.3f} > "
+                f"{self.detectors[g].threshold:.3f}."
             )
-        for g, r in alerts:
-            if self.verbose:
-                _say(
-                    f"\nHessianTraceCallback: alert on group {g!r} at step {step} "
-                    f"(epoch {self._epoch}): statistic {r.statistic:.3f} > "
-                    f"{self.detectors[g].threshold:.3f}."
-                )
-            if self.on_alert is not None:
-                self.on_alert(self, g, step, r)
-            if self.stop_on_alert:
-                self.model.stop_training = True
+        if self.on_alert is not None:
+            self.on_alert(self, g, step, r)
+        if self.stop_on_alert:
+            self.model.stop_training = True

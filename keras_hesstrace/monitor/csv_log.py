@@ -1,0 +1,133 @@
+"""The callback's CSV: one row per (snapshot, group), and the detectors' memory on resume.
+
+``SnapshotCsv`` writes through: each snapshot's rows are appended by opening the file,
+writing, flushing and closing it, so no handle is held between snapshots and a fit that
+raises leaves a complete, closed file holding every finished snapshot.
+
+On resume (``SnapshotCsv.prepare``) rows past the step the fit resumes from (snapshots of
+a trajectory the restored checkpoint discarded) are removed, with a warning, and
+``replay_detectors`` restores each detector by replaying its group's recorded values.
+"""
+
+import csv
+import os
+import warnings
+
+import numpy as np
+
+TOTAL = "total"
+BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
+                "wall_time", "status"]
+DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
+
+
+def csv_columns(with_detectors):
+    """The CSV header: the base columns, then the detector's when there is one."""
+    return BASE_COLUMNS + (DETECTOR_COLUMNS if with_detectors else [])
+
+
+class SnapshotCsv:
+    """A tidy CSV of snapshots at ``path`` with the header ``columns``."""
+
+    def __init__(self, path, columns):
+        self.path = path
+        self.columns = list(columns)
+
+    def prepare(self, step):
+        """Check the header of an existing file, cut it back to ``step``, write the
+        header of a new one. Returns the rows kept (dicts column -> string)."""
+        rows = []
+        if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
+            with open(self.path, newline="") as f:
+                reader = csv.reader(f)
+                header = next(reader)
+                if header != self.columns:
+                    raise ValueError(
+                        f"{self.path!r} has columns {header}, this callback writes "
+                        f"{self.columns}: use another csv_path."
+                    )
+                rows = [dict(zip(self.columns, row)) for row in reader if row]
+            later = [r for r in rows if int(r["step"]) > step]
+            if later:
+                rows = [r for r in rows if int(r["step"]) <= step]
+                warnings.warn(
+                    f"{self.path!r} holds snapshots up to step "
+                    f"{max(int(r['step']) for r in later)} but the fit resumes from step "
+                    f"{step}: removing the {len(later)} rows after step {step} (a trajectory "
+                    "the restored checkpoint discarded).",
+                    stacklevel=3,
+                )
+                tmp = self.path + ".tmp"
+                with open(tmp, "w", newline="") as f:
+                    writer = csv.writer(f)
+                    writer.writerow(self.columns)
+                    writer.writerows([r[c] for c in self.columns] for r in rows)
+                os.replace(tmp, self.path)
+        new = not rows and not (os.path.exists(self.path) and os.path.getsize(self.path) > 0)
+        if new:
+            self.append([self.columns])
+        return rows
+
+    def append(self, rows):
+        """Append ``rows`` (lists of values), flushed and closed before returning."""
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+
+def replay_detectors(path, rows, detectors, groups):
+    """Restore ``detectors`` (dict group -> PageHinkley) from the CSV ``rows`` at ``path``.
+
+    ``groups`` are the groups the callback records (``"total"`` is added). Replaying the
+    recorded values restores g+, g-, the first alert and a reference snapshot's value
+    exactly (the CSV holds the floats' repr); a replay that disagrees with the recorded
+    g+, g- means another detector wrote the file and raises ``ValueError``.
+    """
+    if not rows:
+        return
+    expected = set(groups) | {TOTAL}
+    found = {r["group"] for r in rows}
+    if found != expected:
+        raise ValueError(
+            f"{path!r} records groups {sorted(found)}, this callback records "
+            f"{sorted(expected)}: use another csv_path, or the same groups/layers."
+        )
+    for g, det in detectors.items():
+        mine = [r for r in rows if r["group"] == g]
+        if any(r["g_pos"].strip() in ("", "nan") for r in mine):
+            raise ValueError(
+                f"{path!r} has rows of group {g!r} written without a detector "
+                "on it, so its detector cannot be restored: use another csv_path."
+            )
+        problem = _replay(det, mine)
+        if problem is not None:
+            raise ValueError(
+                f"{path!r}: group {g!r}'s rows were written with another "
+                f"detector (calibration): {problem}. Use another csv_path, or the same "
+                "detector."
+            )
+
+
+def _replay(det, mine):
+    """Reset ``det`` and feed it ``mine``; a description of the first mismatch, or None."""
+    det.reset()
+    replayed = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an overrun="hold" warning was given then
+        for r in mine:
+            step = int(r["step"])
+            try:
+                if r["status"] == "ok":
+                    det.update(float(r["trace"]), step=step)
+                else:
+                    det.skip(step, float(r["trace"]))
+            except ValueError as e:
+                return f"at step {step} this detector refuses the recorded value ({e})"
+            replayed.append((det.g_pos, det.g_neg))
+    recorded = np.array([(float(r["g_pos"]), float(r["g_neg"])) for r in mine])
+    close = np.all(np.isclose(np.array(replayed), recorded, rtol=1e-9, atol=1e-12), axis=1)
+    if not close.all():
+        i = int(np.argmin(close))
+        return (f"at step {mine[i]['step']} replaying gives g+, g- = "
+                f"{replayed[i][0]:.6g}, {replayed[i][1]:.6g}, the CSV says "
+                f"{recorded[i][0]:.6g}, {recorded[i][1]:.6g}")
+    return None

@@ -1,0 +1,34 @@
+"""The callback's TensorBoard scalars, as ``keras.callbacks.TensorBoard`` writes them."""
+
+import math
+import os
+
+import tensorflow as tf
+
+
+class TensorBoardScalars:
+    """Scalars in ``log_dir/train``; the writer is made at the first write, not before."""
+
+    def __init__(self, log_dir):
+        self.log_dir = log_dir
+        self._writer = None
+
+    def write(self, step, values, detectors):
+        """Traces (dict group -> value; non-finite ones left out) and each detector's
+        statistic and alert flag (dict group -> PageHinkley), flushed."""
+        if self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "train"))
+        with self._writer.as_default(step=step):
+            for g, value in values.items():
+                if math.isfinite(value):
+                    tf.summary.scalar(f"hessian_trace/{g}", value)
+            for g, det in detectors.items():
+                tf.summary.scalar(f"hessian_trace_detector/{g}", det.statistic)
+                tf.summary.scalar(f"hessian_trace_alert/{g}", float(det.alerted))
+        self._writer.flush()
+
+    def close(self):
+        """Close the writer, if one was made; a later write makes a new one."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
