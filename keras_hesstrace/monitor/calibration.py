@@ -45,6 +45,7 @@ from keras_hesstrace.monitor.detector import (
     check_reference,
     check_transform,
     first_scored,
+    page_hinkley_statistics,
     relative_to_reference,
     run_lengths,
 )
@@ -186,14 +187,9 @@ class _Resampled:
             else:
                 z = pool[_block_indices(lengths, c * self.length, block_length, rng)]
                 z = z.reshape(c, self.length)
-            # Lindley's closed form, as in detector.page_hinkley_statistics, in place.
-            stat = None
-            for sign in (1.0, -1.0):
-                w = np.cumsum(sign * z - delta, axis=1)
-                low = np.minimum.accumulate(np.minimum(w, 0.0), axis=1)
-                w -= low
-                stat = w if stat is None else np.maximum(stat, w, out=stat)
-            run_max = np.maximum.accumulate(stat, axis=1)
+            g_pos, g_neg = page_hinkley_statistics(z, delta)  # the one recursion
+            run_max = np.maximum.accumulate(np.maximum(g_pos, g_neg, out=g_pos), axis=1)
+            del g_neg
             is_record = np.empty(run_max.shape, dtype=bool)
             is_record[:, 0] = True
             np.greater(run_max[:, 1:], run_max[:, :-1], out=is_record[:, 1:])
