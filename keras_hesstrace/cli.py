@@ -79,206 +79,11 @@ def _experiment(args):
 
 # ===================================================================== analysis CLI
 
-EXAMPLE_MODEL = "model.keras"
 
-# The readers of the model, data and loss live in cli_inputs; re-exported here.
-from keras_hesstrace.cli_inputs import (  # noqa: E402,F401
-    CLIError,
-    first_line,
-    fit_data_to_model,
-    import_modules,
-    load_data,
-    load_digits_data,
-    load_model,
-    load_npz_data,
-    load_tfds_data,
-    resolve_cli_loss,
-)
+from keras_hesstrace import cli_commands as commands  # noqa: E402 (the analysis commands)
+from keras_hesstrace.cli_inputs import CLIError, first_line  # noqa: E402
 
 TRACEBACK_ENV = "KERAS_HESSTRACE_TRACEBACK"
-
-
-def _check_block(model, args):
-    """--block names groups of the model (checked before any Hessian-vector product)."""
-    if not args.block:
-        return
-    from keras_hesstrace.spectrum import block_indices
-
-    try:
-        block_indices(model, list(args.block), args.by)
-    except ValueError as err:
-        raise CLIError(f"--block {list(args.block)}: {first_line(err)}") from None
-
-
-def prepare(args):
-    """Import --import modules, load model and data, check they fit; returns (model, data, y, loss, meta)."""
-    if args.batch_size is not None and args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
-    model = load_model(args.model, args.imports)
-    x, y, desc = load_data(args)
-    loss = resolve_cli_loss(model, args.loss, args.from_logits)
-    _check_block(model, args)
-    x = fit_data_to_model(model, x)
-    try:
-        out = model(x[:2], training=False)
-    except Exception as err:
-        raise CLIError(f"the data (examples of shape {tuple(x.shape[1:])}) does not fit the model: {first_line(err)}") from None
-    from keras_hesstrace.hvp import make_objective
-
-    import tensorflow as tf
-
-    try:
-        make_objective(model, loss)(tf.convert_to_tensor(x[:2]), tf.convert_to_tensor(y[:2]))
-    except Exception as err:
-        shapes = tf.nest.map_structure(lambda t: tuple(t.shape[1:]), out)
-        raise CLIError(
-            f"the loss cannot be computed on this data (labels of shape {tuple(y.shape[1:])}, outputs of shape "
-            f"{shapes}): {first_line(err)}"
-        ) from None
-    batch = args.batch_size or len(x)
-    if batch >= len(x):
-        data, labels = x, y
-    else:
-        data, labels = tf.data.Dataset.from_tensor_slices((x, y)).batch(batch), None
-    loss_name = args.loss or getattr(getattr(model, "loss", None), "name", None) or str(getattr(model, "loss", None))
-    meta = {
-        "model": os.path.abspath(args.model),
-        "data": desc,
-        "num_examples": int(len(x)),
-        "batch_size": int(min(batch, len(x))),
-        "loss": loss_name + (" (from logits)" if args.from_logits else ""),
-        "by": args.by,
-        "block": args.block,
-        "seed": args.seed,
-        "mode": args.mode,
-        "imports": list(args.imports or []),
-    }
-    print(f"model {args.model} ({model.count_params():,} parameters); data {desc}: {len(x)} examples in "
-          f"batches of {meta['batch_size']}; loss {meta['loss']}; HVP mode {args.mode}")
-    return model, data, labels, loss, meta
-
-
-def _out_dir(args):
-    if not args.out:
-        return None
-    os.makedirs(args.out, exist_ok=True)
-    return args.out
-
-
-def _write_json(path, payload):
-    import json
-
-    import numpy as np
-
-    def default(o):
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        return str(o)
-
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=default)
-
-
-def _block(args):
-    return None if not args.block else list(args.block)
-
-
-def _estimate(args):
-    import keras_hesstrace as kh
-    from keras_hesstrace import plots
-
-    model, data, labels, loss, meta = prepare(args)
-    result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, by=args.by, groups=_block(args),
-                             seed=args.seed, loss=loss, mode=args.mode, verbose=1)
-    frame = result.to_frame()
-    print()
-    print(result)
-    out = _out_dir(args)
-    if out:
-        frame.to_csv(os.path.join(out, "traces.csv"))
-        _write_json(os.path.join(out, "estimate.json"), {
-            **meta, "command": "estimate", "mode_used": getattr(result, "mode", args.mode),
-            "num_probes": result.num_probes, "loss_value": result.loss,
-            "total_trace": result.total, "total_stderr": result.total_stderr,
-            "groups_table": frame.reset_index().to_dict(orient="records"),
-        })
-        plots.plot_traces(frame, os.path.join(out, "traces.png"), title=f"Per-{args.by} Hessian trace ({result.num_probes} probes)")
-        print(f"wrote traces.csv, estimate.json, traces.png to {out}")
-    return 0
-
-
-def _eigen(args):
-    from keras_hesstrace import spectrum
-
-    model, data, labels, loss, meta = prepare(args)
-    result = spectrum.top_eigenvalues(
-        model, data, labels, k=args.k, max_iter=args.max_iter, tol=args.tol, method=args.method, which=args.which,
-        loss=loss, groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
-    )
-    print()
-    print(result)
-    out = _out_dir(args)
-    if out:
-        result.to_frame().to_csv(os.path.join(out, "eigenvalues.csv"))
-        _write_json(os.path.join(out, "eigen.json"), {
-            **meta, "command": "eigen", "method": result.method, "which": result.which, "tol": args.tol,
-            "eigenvalues": result.eigenvalues, "residuals": result.residuals, "converged": result.converged,
-            "num_hvps": result.num_hvps, "dimension": result.dimension, "loss_value": result.loss,
-        })
-        print(f"wrote eigenvalues.csv, eigen.json to {out}")
-    return 0
-
-
-def _density(args):
-    import pandas as pd
-
-    from keras_hesstrace import plots, spectrum
-
-    model, data, labels, loss, meta = prepare(args)
-    result = spectrum.spectral_density(
-        model, data, labels, num_runs=args.num_runs, lanczos_steps=args.lanczos_steps, sigma=args.sigma,
-        loss=loss, groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
-    )
-    print()
-    print(result)
-    out = _out_dir(args)
-    if out:
-        result.to_frame().to_csv(os.path.join(out, "nodes.csv"), index=False)
-        pd.DataFrame({"eigenvalue": result.grid, "density": result.density}).to_csv(os.path.join(out, "density.csv"), index=False)
-        _write_json(os.path.join(out, "density.json"), {
-            **meta, "command": "density", "num_runs": result.num_runs, "lanczos_steps": result.lanczos_steps,
-            "sigma": result.sigma, "num_hvps": result.num_hvps, "dimension": result.dimension,
-            "moments": {str(k): result.moment(k) for k in (1, 2)}, "notes": list(result.notes),
-            "nodes": result.nodes, "weights": result.weights, "loss_value": result.loss,
-        })
-        plots.plot_density(result, os.path.join(out, "density.png"))
-        print(f"wrote nodes.csv, density.csv, density.json, density.png to {out}")
-    return 0
-
-
-def _landscape(args):
-    from keras_hesstrace import landscape, plots
-
-    model, data, labels, loss, meta = prepare(args)
-    result = landscape.loss_landscape(
-        model, data, labels, directions=args.directions, grid=args.grid, span=args.span, loss=loss,
-        groups=_block(args), by=args.by, seed=args.seed, mode=args.mode, verbose=1,
-    )
-    print()
-    print(result)
-    out = _out_dir(args)
-    if out:
-        result.to_frame().to_csv(os.path.join(out, "landscape.csv"), index=False)
-        _write_json(os.path.join(out, "landscape.json"), {
-            **meta, "command": "landscape", "directions": args.directions, "kind": result.kind,
-            "coordinates": list(result.coordinates), "losses": result.losses, "origin_loss": result.origin_loss,
-            "eigenvalues": result.eigenvalues,
-        })
-        plots.plot_landscape(result, os.path.join(out, "landscape.png"))
-        print(f"wrote landscape.csv, landscape.json, landscape.png to {out}")
-    return 0
 
 
 def _common(p):
@@ -351,7 +156,7 @@ def build_parser():
     )
     _common(est)
     est.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes, one HVP each (default 20)")
-    est.set_defaults(func=_estimate)
+    est.set_defaults(func=commands.run_estimate)
 
     eig = sub.add_parser(
         "eigen", help="the top-k Hessian eigenvalues (Lanczos or power iteration)",
@@ -366,7 +171,7 @@ def build_parser():
     eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM, default, as PyHessian) or largest algebraic (LA)")
     eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue (default 100)")
     eig.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance (default 1e-3)")
-    eig.set_defaults(func=_eigen)
+    eig.set_defaults(func=commands.run_eigen)
 
     den = sub.add_parser(
         "density", help="the Hessian's eigenvalue density by stochastic Lanczos quadrature (density.png, log scale)",
@@ -380,7 +185,7 @@ def build_parser():
     den.add_argument("--num-runs", type=int, default=1, help="independent Lanczos runs (default 1)")
     den.add_argument("--lanczos-steps", type=int, default=90, help="Lanczos steps (HVPs) per run, clipped to the dimension (default 90)")
     den.add_argument("--sigma", type=float, default=None, help="kernel width (default sqrt(1e-5 * max(1, range)), PyHessian's)")
-    den.set_defaults(func=_density)
+    den.set_defaults(func=commands.run_density)
 
     land = sub.add_parser(
         "landscape", help="the loss on a grid around the weights along top eigenvectors or random directions (landscape.png)",
@@ -395,7 +200,7 @@ def build_parser():
                       help="top eigenvectors or filter-normalised random directions; 2 = a surface, 1 = a curve (default top2)")
     land.add_argument("--grid", type=int, default=21, help="points per axis (default 21)")
     land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
-    land.set_defaults(func=_landscape)
+    land.set_defaults(func=commands.run_landscape)
 
     from keras_hesstrace import experiments as mem
 

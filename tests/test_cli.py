@@ -105,7 +105,7 @@ def _fail_with(monkeypatch, err):
     def prepare(args):
         raise err
 
-    monkeypatch.setattr(cli, "prepare", prepare)
+    monkeypatch.setattr(cli.commands, "prepare", prepare)
 
 
 @pytest.mark.parametrize(
