@@ -5,6 +5,9 @@ import os
 import sys
 import time
 
+from keras_hesstrace import cli_commands as commands  # the analysis commands
+from keras_hesstrace.cli_inputs import CLIError, first_line
+
 # TensorFlow's C++ start-up chatter is quieted by the package's __init__ for this console
 # script: it has to happen before TensorFlow is imported, which is before this module runs.
 
@@ -78,10 +81,6 @@ def _experiment(args):
 
 
 # ===================================================================== analysis CLI
-
-
-from keras_hesstrace import cli_commands as commands  # noqa: E402 (the analysis commands)
-from keras_hesstrace.cli_inputs import CLIError, first_line  # noqa: E402
 
 TRACEBACK_ENV = "KERAS_HESSTRACE_TRACEBACK"
 
