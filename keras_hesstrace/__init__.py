@@ -21,9 +21,11 @@ import importlib as _importlib
 import os as _os
 import sys as _sys
 
-# The command line quiets TensorFlow's C++ start-up chatter. TensorFlow reads the variable
-# once, when it is first imported, which the next lines do: so it is set here, for the
-# `keras-hesstrace` console script only, and a user's own setting wins.
+# The command line quiets TensorFlow's C++ info and warning logs. TensorFlow reads the
+# variable once, when it is first imported, which the next lines do: so it is set here, for
+# the `keras-hesstrace` console script only, and a user's own setting wins. (TF 2.21 prints
+# a few lines before its logging starts, "oneDNN custom operations are on" among them, even
+# with TF_CPP_MIN_LOG_LEVEL=3 set in the shell: those no setting silences.)
 if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-hesstrace":
     _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
