@@ -8,7 +8,7 @@ import pytest
 
 from keras_hesstrace import stats
 from keras_hesstrace.monitor import Baseline, Calibration, calibrate_threshold
-from keras_hesstrace.monitor.calibration import _Resampled, loo_standardize
+from keras_hesstrace.monitor.resampling import Resampled, loo_standardize
 
 
 def simulate_run_lengths(z, h, delta=0.5):
@@ -35,7 +35,7 @@ def test_resampling_engine_reproduces_published_cusum_arl():
     # Introduction to Statistical Quality Control, Table 9.3; Siegmund's approximation
     # gives 169 and 469). 4000 resampled runs: Monte Carlo error about 1.6%; allow 6%.
     pool = np.random.default_rng(0).normal(size=1_000_000)
-    sim = _Resampled([pool], delta=0.5, n_sequences=4000, length=5000, seed=1)
+    sim = Resampled([pool], delta=0.5, n_sequences=4000, length=5000, seed=1)
     assert sim.arl(4.0) == pytest.approx(168, rel=0.06)
     assert sim.arl(5.0) == pytest.approx(465, rel=0.06)
     # Records give the same run lengths as the plain recursion on the same draws.
@@ -220,15 +220,15 @@ def test_block_length_one_is_the_iid_pool_and_blocks_stay_within_runs():
     rng = np.random.default_rng(10)
     runs = [rng.normal(size=40) for _ in range(6)]
     pool = np.concatenate(runs)
-    a = _Resampled([pool], 0.5, 300, 500, seed=2)
-    b = _Resampled(runs, 0.5, 300, 500, seed=2, block_length=1)
+    a = Resampled([pool], 0.5, 300, 500, seed=2)
+    b = Resampled(runs, 0.5, 300, 500, seed=2, block_length=1)
     np.testing.assert_array_equal(a.run_lengths(3.0), b.run_lengths(3.0))
     # Whole-run blocks: every stretch of the stream between block boundaries is one
     # run, rotated (consecutive values of one run, wrapping around its end).
-    from keras_hesstrace.monitor.calibration import _block_indices
+    from keras_hesstrace.monitor.resampling import block_indices
 
     lengths = np.array([5, 7, 3])
-    idx = _block_indices(lengths, 1000, None, np.random.default_rng(0))
+    idx = block_indices(lengths, 1000, None, np.random.default_rng(0))
     starts = np.array([0, 5, 12])
     run_of = np.searchsorted(starts, idx, side="right") - 1
     pos = idx - starts[run_of]
@@ -236,7 +236,7 @@ def test_block_length_one_is_the_iid_pool_and_blocks_stay_within_runs():
     same = run_of[1:] == run_of[:-1]
     assert idx.min() >= 0 and idx.max() < lengths.sum() and idx.size == 1000
     assert np.mean(same & step_ok) > 0.7  # mostly continuing within a run
-    idx4 = _block_indices(lengths, 4000, 2, np.random.default_rng(1))
+    idx4 = block_indices(lengths, 4000, 2, np.random.default_rng(1))
     counts = np.bincount(idx4, minlength=lengths.sum())
     assert counts.min() > 0.6 * counts.mean()  # every value resampled about equally
     with pytest.raises(ValueError, match="block_length"):

@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 import pytest
 
-from keras_hesstrace.monitor.detector import (
+from keras_hesstrace.monitor import (
     Baseline,
     PageHinkley,
     page_hinkley_statistics,

@@ -133,7 +133,7 @@ class ExperimentConfig:
         if not self.monitor:
             raise ValueError("monitor must name at least one group (e.g. ['head']).")
         if self.reference_snapshot is not None:
-            from keras_hesstrace.monitor.detector import check_reference
+            from keras_hesstrace.monitor.baseline import check_reference
 
             check_reference(self.reference_snapshot, "reference_snapshot")
             per_run = min((self.epochs * steps_per_epoch(self, d)) // self.every_n_steps + 1

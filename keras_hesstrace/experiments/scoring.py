@@ -50,7 +50,7 @@ def rule_scale(config, values):
         y = values.copy()
     r = config.reference_snapshot
     if r is not None:
-        from keras_hesstrace.monitor.detector import first_scored, relative_to_reference
+        from keras_hesstrace.monitor.baseline import first_scored, relative_to_reference
 
         y = np.concatenate([np.full(first_scored(r), np.nan), relative_to_reference([y], r)[0]])
     return y

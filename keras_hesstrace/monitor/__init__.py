@@ -4,16 +4,21 @@ Public API:
     Baseline, PageHinkley, PageHinkleyResult, page_hinkley_statistics, run_lengths
     calibrate_threshold, Calibration, GroupCalibration
     HessianTraceCallback
+
+Modules: baseline (Baseline, the transform, the reference snapshot), page_hinkley (the
+rule), resampling (leave-one-out z, block bootstrap, ARL0), calibration
+(calibrate_threshold and the Calibration file), callback (HessianTraceCallback) with
+csv_log, tensorboard_log, snapshot_data and precision.
 """
 
+from keras_hesstrace.monitor.baseline import Baseline
 from keras_hesstrace.monitor.callback import HessianTraceCallback
 from keras_hesstrace.monitor.calibration import (
     Calibration,
     GroupCalibration,
     calibrate_threshold,
 )
-from keras_hesstrace.monitor.detector import (
-    Baseline,
+from keras_hesstrace.monitor.page_hinkley import (
     PageHinkley,
     PageHinkleyResult,
     page_hinkley_statistics,

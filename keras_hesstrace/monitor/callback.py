@@ -47,7 +47,7 @@ from keras_hesstrace.groups import layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, check_mode, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import TOTAL, SnapshotCsv, csv_columns, replay_detectors
-from keras_hesstrace.monitor.detector import PageHinkley
+from keras_hesstrace.monitor.page_hinkley import PageHinkley
 from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
 from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars
