@@ -335,3 +335,11 @@ def test_a_skipped_reference_snapshot_leaves_nothing_to_score():
     assert ph.get_state() == before                  # unchanged when it raises
     ph.reset()
     assert not ph.reference_missing and ph.reference_value is None
+
+
+def test_skip_takes_value_then_step_as_update_does():
+    ph = PageHinkley(delta=0.5, threshold=4.0)
+    r = ph.skip(-1.0, step=7)
+    assert (r.value, r.step, r.index) == (-1.0, 7, 0)
+    with pytest.raises(TypeError):
+        ph.skip(8, -1.0)  # the former order skip(step, value)

@@ -404,7 +404,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
                     if status == "ok" and not det.usable(value):
                         status = "unreferenced" if det.reference_missing else "nonpositive"
                         bad.append(g)
-                    r = det.update(value, step=step) if status == "ok" else det.skip(step, value)
+                    r = det.update(value, step=step) if status == "ok" else det.skip(value, step=step)
                     extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
                     if r.first_alert:
                         alerts.append((g, r))

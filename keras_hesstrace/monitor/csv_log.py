@@ -119,7 +119,7 @@ def _replay(det, mine):
                 if r["status"] == "ok":
                     det.update(float(r["trace"]), step=step)
                 else:
-                    det.skip(step, float(r["trace"]))
+                    det.skip(float(r["trace"]), step=step)
             except ValueError as e:
                 return f"at step {step} this detector refuses the recorded value ({e})"
             replayed.append((det.g_pos, det.g_neg))

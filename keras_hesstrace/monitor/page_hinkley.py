@@ -238,7 +238,7 @@ class PageHinkley:
         return PageHinkleyResult(index, step, float(value), z, self.g_pos, self.g_neg,
                                  stat, bool(alert), bool(first))
 
-    def skip(self, step=None, value=float("nan")):
+    def skip(self, value=float("nan"), *, step=None):
         """Pass over a snapshot whose value is unusable (non-finite, or <= 0 under ``"log"``).
 
         The snapshot index advances, so the next value is standardised with the baseline
@@ -248,9 +248,12 @@ class PageHinkley:
         leaves the run without a reference: ``reference_missing`` becomes True and
         every later value is unusable.
 
+        The arguments are in ``update``'s order, value then step; ``step`` is keyword-only,
+        so a call in the former order ``skip(step, value)`` raises ``TypeError``.
+
         Args:
-            step: a label kept with the result (e.g. optimiser step).
             value: the unusable value, kept in the result for the record.
+            step: a label kept with the result (e.g. optimiser step).
 
         Returns:
             ``PageHinkleyResult`` with ``z`` NaN, the unchanged g+ and g-, ``alert``
