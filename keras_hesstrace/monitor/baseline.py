@@ -173,9 +173,11 @@ class Baseline:
             ``std`` are ignored and set to NaN.
 
     Example:
-        >>> clean = [run_a, run_b, run_c]              # 1-D head-trace trajectories
+        >>> rng = np.random.default_rng(0)
+        >>> clean = [1.0 + rng.random(20) for _ in range(3)]  # 1-D head-trace trajectories
         >>> base = Baseline.from_runs(clean, transform="log", group="dense_1")
-        >>> z = base.standardize(new_run)              # doctest: +SKIP
+        >>> base.standardize(1.0 + rng.random(20)).shape
+        (20,)
     """
 
     def __init__(self, mean, std, n_runs=None, transform=None, group=None, reference=None):

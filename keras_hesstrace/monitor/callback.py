@@ -46,11 +46,17 @@ from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE, check_mode, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
-from keras_hesstrace.monitor.csv_log import TOTAL, SnapshotCsv, csv_columns, replay_detectors
+from keras_hesstrace.monitor.csv_log import (
+    TOTAL,
+    SnapshotCsv,
+    check_csv_path,
+    csv_columns,
+    replay_detectors,
+)
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
 from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
-from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars
+from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, check_tensorboard
 from keras_hesstrace.trace import check_mean_reduction, layer_traces
 
 _NAN = float("nan")
@@ -142,22 +148,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
         check_integer("max_batch_size", max_batch_size, none="no chunking")
         check_mode(mode)
         check_snapshot_data(data)
-        if csv_path is not None:
-            csv_path = os.fspath(csv_path)
-            parent = os.path.dirname(os.path.abspath(csv_path))
-            if not os.path.isdir(parent):
-                raise ValueError(f"csv_path {csv_path!r}: directory {parent!r} does not exist.")
-            target = csv_path if os.path.exists(csv_path) else parent
-            if not os.access(target, os.W_OK) or os.path.isdir(csv_path):
-                raise ValueError(f"csv_path {csv_path!r} is not writable.")
+        csv_path = None if csv_path is None else check_csv_path(csv_path)
         if log_dir is not None:
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise ImportError(
-                    "log_dir needs the tensorboard package (pip install tensorboard): "
-                    "without it TensorFlow silently writes no scalars."
-                ) from None
+            check_tensorboard()
         if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
             raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
                             "group -> PageHinkley.")

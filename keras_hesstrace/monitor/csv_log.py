@@ -21,6 +21,18 @@ BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "prob
 DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
 
 
+def check_csv_path(csv_path):
+    """``csv_path`` as a str, after checking it can be written; else ``ValueError``."""
+    csv_path = os.fspath(csv_path)
+    parent = os.path.dirname(os.path.abspath(csv_path))
+    if not os.path.isdir(parent):
+        raise ValueError(f"csv_path {csv_path!r}: directory {parent!r} does not exist.")
+    target = csv_path if os.path.exists(csv_path) else parent
+    if not os.access(target, os.W_OK) or os.path.isdir(csv_path):
+        raise ValueError(f"csv_path {csv_path!r} is not writable.")
+    return csv_path
+
+
 def csv_columns(with_detectors):
     """The CSV header: the base columns, then the detector's when there is one."""
     return BASE_COLUMNS + (DETECTOR_COLUMNS if with_detectors else [])

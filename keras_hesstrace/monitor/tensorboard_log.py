@@ -6,6 +6,17 @@ import os
 import tensorflow as tf
 
 
+def check_tensorboard():
+    """Raise ``ImportError`` unless the ``tensorboard`` package is installed."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "log_dir needs the tensorboard package (pip install tensorboard): "
+            "without it TensorFlow silently writes no scalars."
+        ) from None
+
+
 class TensorBoardScalars:
     """Scalars in ``log_dir/train``; the writer is made at the first write, not before."""
 
