@@ -90,7 +90,7 @@ def test_stop_on_alert_and_on_alert(tmp_path):
     x, y = data()
     seen = []
     ph = PageHinkley(delta=0.0, threshold=1e-9)  # alerts at the first positive trace
-    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, layers=["head"],
+    cb = HessianTraceCallback((x, y), every_n_steps=2, num_probes=2, groups=["head"],
                               detector=ph, stop_on_alert=True, csv_path=tmp_path / "a.csv",
                               on_alert=lambda cb_, g, step, r: seen.append((g, step)), verbose=0)
     hist = model.fit(x, y, batch_size=16, epochs=5, verbose=0, callbacks=[cb])
@@ -276,7 +276,7 @@ def test_non_finite_trace_is_written_as_nan_and_skipped_by_the_detector(tmp_path
     snaps = snapshots_with_a_nan_second_batch(x, y)
     base = Baseline([0.0, 100.0, 0.5, 1.0], [1.0, 1.0, 2.0, 3.0])
     ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
-    cb = Recording(snaps, every_n_steps=2, num_probes=2, layers=["head"], detector=ph,
+    cb = Recording(snaps, every_n_steps=2, num_probes=2, groups=["head"], detector=ph,
                    csv_path=tmp_path / "n.csv", log_dir=tmp_path / "logs", seed=1, verbose=0)
     with pytest.warns(RuntimeWarning, match=r"step 2 .*unusable trace for group\(s\) \['head', 'total'\]"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0..4
@@ -310,7 +310,7 @@ def test_a_nonfinite_reference_snapshot_marks_later_snapshots_unreferenced(tmp_p
     snaps = snapshots_with_a_nan_second_batch(x, y)  # the reference snapshot's loss is NaN
     base = Baseline(np.zeros(4), np.ones(4), reference=1)
     ph = PageHinkley(delta=0.1, threshold=1e9, baseline=base)
-    cb = HessianTraceCallback(snaps, every_n_steps=2, num_probes=2, layers=["head"],
+    cb = HessianTraceCallback(snaps, every_n_steps=2, num_probes=2, groups=["head"],
                               detector=ph, csv_path=tmp_path / "r.csv", seed=1, verbose=0)
     with pytest.warns(RuntimeWarning) as caught:
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0, 2, 4
@@ -524,7 +524,7 @@ def test_a_fit_that_raises_leaves_a_closed_complete_csv(tmp_path):
 def test_reuse_across_fits_continues_a_run_and_restarts_for_a_new_one():
     x, y = data()
     cb = HessianTraceCallback((x[:32], y[:32]), every_n_steps=2, num_probes=2, verbose=0,
-                              layers=["head"], detector=PageHinkley(delta=0.0, threshold=1e9))
+                              groups=["head"], detector=PageHinkley(delta=0.0, threshold=1e9))
     model = small_model()
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])  # steps 0..4
     assert [h["step"] for h in cb.history] == [0, 2, 4]
@@ -541,3 +541,21 @@ def test_reuse_across_fits_continues_a_run_and_restarts_for_a_new_one():
     fresh.optimizer.iterations.assign(0)
     fresh.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
     assert [h["step"] for h in cb.history] == [0, 2, 4]
+
+
+def test_by_and_groups_and_their_older_spellings():
+    x, y = data()
+    cb = HessianTraceCallback((x, y), by="variable", groups="head/kernel", verbose=0)
+    assert cb.by == "variable" and cb.groups == ["head/kernel"]
+    with pytest.warns(DeprecationWarning, match="layers= is now groups="):
+        old = HessianTraceCallback((x, y), layers=["head"], verbose=0)
+    assert old.groups == ["head"] and old.by == "layer"
+    with pytest.warns(DeprecationWarning, match="pass the grouping as by="):
+        old = HessianTraceCallback((x, y), groups="variable", verbose=0)
+    assert old.by == "variable" and old.groups is None
+    with pytest.raises(ValueError, match="not both"):
+        HessianTraceCallback((x, y), groups=["head"], layers=["head"])
+    model = small_model()
+    cb = HessianTraceCallback((x[:16], y[:16]), groups=["nope"], verbose=0)
+    with pytest.raises(ValueError, match=r"Unknown group\(s\) \['nope'\]"):
+        model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])

@@ -43,7 +43,7 @@ import warnings
 import keras
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.groups import layer_groups
+from keras_hesstrace.groups import layer_groups, select_groups, split_grouping
 from keras_hesstrace.hvp import DEFAULT_MODE, check_mode, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import (
@@ -84,9 +84,12 @@ class HessianTraceCallback(keras.callbacks.Callback):
             (the next batch at each snapshot, cycling when it ends).
         every_n_steps: optimiser steps between snapshots (>= 1).
         num_probes: Rademacher probes (HVPs) per snapshot (>= 1).
-        groups: grouping passed to ``layer_traces`` (``"layer"``, ``"variable"``, ...).
-        layers: names of the groups to record (default: all). The total trace over
+        by: how to group the variables, as ``layer_traces`` takes it (``"layer"``,
+            ``"variable"``, path patterns, ...). Defaults to ``"layer"``.
+        groups: names of the groups to record (default: all). The total trace over
             all trainable variables is always recorded too, as group ``"total"``.
+            (``layers=`` is the older name of this argument, and a grouping passed as
+            ``groups=`` is taken as ``by=``; both with a DeprecationWarning.)
         csv_path: tidy CSV, one row per (snapshot, group), flushed at every snapshot;
             a resumed fit appends to it and restores the detectors from it.
         log_dir: TensorBoard run directory (scalars under ``log_dir/train``, as
@@ -137,10 +140,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
         >>> pandas.read_csv("traces.csv")                       # doctest: +SKIP
     """
 
-    def __init__(self, data, every_n_steps=100, num_probes=10, groups="layer", layers=None,
+    def __init__(self, data, every_n_steps=100, num_probes=10, by="layer", groups=None,
                  csv_path=None, log_dir=None, detector=None, stop_on_alert=False,
                  on_alert=None, seed=0, verbose=1, loss=None, probes_per_call=1,
-                 max_batch_size=None, mode=DEFAULT_MODE):
+                 max_batch_size=None, mode=DEFAULT_MODE, layers=None):
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
                             ("probes_per_call", probes_per_call)):
@@ -159,8 +162,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.data = data
         self.every_n_steps = int(every_n_steps)
         self.num_probes = int(num_probes)
-        self.groups = groups
-        self.layers = None if layers is None else list(layers)
+        if layers is not None:
+            if groups is not None:
+                raise ValueError("pass the groups to record as groups= (layers= is its older name), not both.")
+            warnings.warn("layers= is now groups= (the groups to record).", DeprecationWarning, stacklevel=2)
+            groups = layers
+        self.by, groups = split_grouping(by, groups, stacklevel=2)
+        self.groups = None if groups is None else ([groups] if isinstance(groups, str) else list(groups))
         self.csv_path = csv_path
         self.log_dir = None if log_dir is None else os.fspath(log_dir)
         self.detector = detector
@@ -212,18 +220,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------------ setup
 
     def _resolve_groups(self):
-        names = list(layer_groups(self.model, by=self.groups))
-        if TOTAL in names:
+        mapping = layer_groups(self.model, by=self.by)
+        if TOTAL in mapping:
             raise ValueError(
                 f"A group is named {TOTAL!r}, the name the callback gives the total trace; "
                 "rename the layer or use a grouping that avoids the name."
             )
-        if self.layers is None:
-            return names
-        missing = [g for g in self.layers if g not in names]
-        if missing:
-            raise ValueError(f"layers {missing} are not groups of the model; groups: {names}.")
-        return list(self.layers)
+        return list(select_groups(mapping, self.groups, self.by))
 
     def _resolve_detectors(self, names):
         det = self.detector
@@ -237,7 +240,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
             if len(names) != 1:
                 raise ValueError(
                     f"A single PageHinkley needs exactly one recorded group, got {names}; "
-                    "pass layers=[...] or a dict group -> PageHinkley."
+                    "pass groups=[...] or a dict group -> PageHinkley."
                 )
             return {names[0]: det}
         unknown = [g for g in det if g not in recordable]
@@ -364,11 +367,11 @@ class HessianTraceCallback(keras.callbacks.Callback):
                                     category=RuntimeWarning)
             if not self._mixed_layers:
                 return layer_traces(self.model, x, y, num_probes=self.num_probes,
-                                    groups=self.groups, seed=probe_seed, loss=self.loss,
+                                    by=self.by, seed=probe_seed, loss=self.loss,
                                     verbose=0, **self._trace_options)
             with float32_curvature(self.model, self._mixed_layers, self._float32_cache):
                 return layer_traces(self.model, x, y, num_probes=self.num_probes,
-                                    groups=self.groups, seed=probe_seed, loss=self.loss,
+                                    by=self.by, seed=probe_seed, loss=self.loss,
                                     verbose=0, **self._trace_options)
 
     def _values(self, result):
