@@ -335,7 +335,9 @@ class HessianOperator:
         return self._run(("probe", probe, group_positions, mode), body, x, y, seeds)
 
 
-_CACHE_ATTR = "_hesstrace_operators"
+# The attribute of a model that holds its cached operators (hessian_operator); the callback
+# swaps it to keep a mixed-precision model's float32 operators apart.
+OPERATOR_CACHE_ATTR = "_hesstrace_operators"
 
 
 def hessian_operator(
@@ -355,11 +357,11 @@ def hessian_operator(
     freed with the model and holds no hidden global state.
     """
     check_model(model)
-    per_model = model.__dict__.get(_CACHE_ATTR)
+    per_model = model.__dict__.get(OPERATOR_CACHE_ATTR)
     if per_model is None:
         per_model = {}
         # Bypass Keras attribute tracking: this is not model state to save.
-        object.__setattr__(model, _CACHE_ATTR, per_model)
+        object.__setattr__(model, OPERATOR_CACHE_ATTR, per_model)
     strategy = effective_strategy(model, strategy)
     key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile), id(strategy))
     op = per_model.get(key)

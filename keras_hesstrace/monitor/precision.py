@@ -11,7 +11,7 @@ import contextlib
 
 import keras
 
-from keras_hesstrace.hvp import _CACHE_ATTR
+from keras_hesstrace.hvp import OPERATOR_CACHE_ATTR
 
 
 def mixed_precision_layers(model):
@@ -37,8 +37,8 @@ def float32_curvature(model, layers, cache):
     Policies and cache are restored on exit, also when the block raises.
     """
     saved_policies = [(layer, layer.dtype_policy) for layer in layers]
-    saved_cache = model.__dict__.get(_CACHE_ATTR)
-    object.__setattr__(model, _CACHE_ATTR, cache)
+    saved_cache = model.__dict__.get(OPERATOR_CACHE_ATTR)
+    object.__setattr__(model, OPERATOR_CACHE_ATTR, cache)
     try:
         for layer, policy in saved_policies:
             layer.dtype_policy = policy.variable_dtype
@@ -47,6 +47,6 @@ def float32_curvature(model, layers, cache):
         for layer, policy in saved_policies:
             layer.dtype_policy = policy
         if saved_cache is None:
-            object.__delattr__(model, _CACHE_ATTR)
+            object.__delattr__(model, OPERATOR_CACHE_ATTR)
         else:
-            object.__setattr__(model, _CACHE_ATTR, saved_cache)
+            object.__setattr__(model, OPERATOR_CACHE_ATTR, saved_cache)
