@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from keras_hesstrace.monitor.csv_log import atomic_write_text, cut_back
+
 
 def log(msg, stream=None):
     """Print one progress line, flushed (stdout unless ``stream``)."""
@@ -28,16 +30,6 @@ def log(msg, stream=None):
 
 
 # ------------------------------------------------------------------------ atomic files
-
-
-def atomic_write_text(path, text):
-    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path, obj):
@@ -77,24 +69,12 @@ def load_checkpoint(path, model):
 
 
 def truncate_csv(path, last_step):
-    """Keep the header and the complete rows with step <= last_step (atomically)."""
-    if not os.path.exists(path):
-        return 0
-    with open(path, newline="") as f:
-        text = f.read()
-    lines = text.split("\n")
-    complete = lines[:-1]  # the text after the last newline is a half-written row
-    if not complete:
-        os.remove(path)
-        return 0
-    header = next(csv.reader([complete[0]]))
-    kept = [complete[0]]
-    for line in complete[1:]:
-        row = next(csv.reader([line]), None)
-        if row and len(row) == len(header) and int(row[0]) <= last_step:
-            kept.append(line)
-    atomic_write_text(path, "\n".join(kept) + "\n")
-    return len(kept) - 1
+    """Keep the header and the complete rows with step <= last_step (atomically); the count kept.
+
+    The one cut-back of a snapshot CSV (:func:`keras_hesstrace.monitor.csv_log.cut_back`),
+    which drops a torn last line.
+    """
+    return len(cut_back(path, last_step)[1])
 
 
 def count_snapshots(csv_path):

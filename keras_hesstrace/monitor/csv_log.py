@@ -15,6 +15,60 @@ import warnings
 
 import numpy as np
 
+def atomic_write_text(path, text):
+    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def cut_back(path, last_step):
+    """Keep a snapshot CSV's header and its complete rows with step <= ``last_step``.
+
+    The one cut-back on resume (the callback's and the experiment runner's): the text
+    after the file's last newline is a row torn by a crash and is dropped, as is any
+    row with the wrong number of fields; the kept lines are written back byte for byte,
+    atomically, and only when something was removed.
+
+    Args:
+        path: the CSV; its first column is the step.
+        last_step: the last step to keep.
+
+    Returns:
+        ``(header, kept, later, torn)``: the header (list of str, or None for a missing,
+        empty or header-less file, which is then removed), the kept rows (lists of str),
+        how many complete rows lay past ``last_step``, and whether a torn or malformed
+        line was dropped.
+    """
+    if not os.path.exists(path):
+        return None, [], 0, False
+    with open(path, newline="") as f:
+        text = f.read()
+    lines = text.split("\n")
+    complete, tail = lines[:-1], lines[-1]
+    if not complete:
+        os.remove(path)
+        return None, [], 0, bool(tail)
+    header = next(csv.reader([complete[0]]))
+    kept_lines, kept, later, torn = [complete[0]], [], 0, bool(tail)
+    for line in complete[1:]:
+        row = next(csv.reader([line]), None)
+        if not row or len(row) != len(header):
+            torn = torn or bool(row)
+            continue
+        if int(row[0]) <= last_step:
+            kept_lines.append(line)
+            kept.append(row)
+        else:
+            later += 1
+    if later or torn:
+        atomic_write_text(path, "\n".join(kept_lines) + "\n")
+    return header, kept, later, torn
+
+
 TOTAL = "total"
 BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
                 "wall_time", "status"]
@@ -51,30 +105,23 @@ class SnapshotCsv:
         rows = []
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, newline="") as f:
-                reader = csv.reader(f)
-                header = next(reader)
-                if header != self.columns:
-                    raise ValueError(
-                        f"{self.path!r} has columns {header}, this callback writes "
-                        f"{self.columns}: use another csv_path."
-                    )
-                rows = [dict(zip(self.columns, row)) for row in reader if row]
-            later = [r for r in rows if int(r["step"]) > step]
+                header = next(csv.reader(f), None)
+            if header is not None and header != self.columns:
+                raise ValueError(
+                    f"{self.path!r} has columns {header}, this callback writes "
+                    f"{self.columns}: use another csv_path."
+                )
+            _, kept, later, torn = cut_back(self.path, step)
+            rows = [dict(zip(self.columns, row)) for row in kept]
             if later:
-                rows = [r for r in rows if int(r["step"]) <= step]
                 warnings.warn(
-                    f"{self.path!r} holds snapshots up to step "
-                    f"{max(int(r['step']) for r in later)} but the fit resumes from step "
-                    f"{step}: removing the {len(later)} rows after step {step} (a trajectory "
-                    "the restored checkpoint discarded).",
+                    f"{self.path!r} holds snapshots after step {step}, where the fit resumes: removing "
+                    f"the {later} rows after step {step} (a trajectory the restored checkpoint discarded).",
                     stacklevel=3,
                 )
-                tmp = self.path + ".tmp"
-                with open(tmp, "w", newline="") as f:
-                    writer = csv.writer(f)
-                    writer.writerow(self.columns)
-                    writer.writerows([r[c] for c in self.columns] for r in rows)
-                os.replace(tmp, self.path)
+            if torn:
+                warnings.warn(f"{self.path!r} ended in an incomplete row (a write cut short): removed it.",
+                              stacklevel=3)
         new = not rows and not (os.path.exists(self.path) and os.path.getsize(self.path) > 0)
         if new:
             self.append([self.columns])
