@@ -255,7 +255,7 @@ class Baseline:
         check_transform(transform)
         reference = check_reference(reference)
         runs = as_trajectories(trajectories)
-        runs = [apply_transform(r, transform, what=f"clean-run value") for r in runs]
+        runs = [apply_transform(r, transform, what="clean-run value") for r in runs]
         if len(runs) < 2:
             raise ValueError(
                 f"A baseline needs at least two clean runs, got {len(runs)}."
