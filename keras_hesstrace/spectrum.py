@@ -20,9 +20,12 @@ seed ``(seed, m)`` (:meth:`ModelHessian.probe_source`): the same seed gives the 
 as ``layer_traces``, and a block's probe is the whole model's restricted to the block.
 """
 
+from __future__ import annotations
+
 import warnings
 from collections import OrderedDict
 
+import keras
 import numpy as np
 
 from keras_hesstrace._validate import check_integer
@@ -48,9 +51,10 @@ AUTO_METHOD = "lanczos"
 
 
 def top_eigenvalues(
-    model, x, y=None, k=1, max_iter=100, tol=1e-3, method="auto", which="LM", loss=None, groups=None, by="layer",
-    seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
-):
+    model: keras.Model, x, y=None, k: int = 1, max_iter: int = 100, tol: float = 1e-3, method: str = "auto",
+    which: str = "LM", loss=None, groups=None, by="layer", seed: int | None = None, num_batches: int | None = None,
+    mode: str = DEFAULT_MODE, jit_compile: bool = False, verbose: int = 0,
+) -> EigenResult:
     """The k extreme eigenvalues of the Hessian and their eigenvectors.
 
     Args:
@@ -127,9 +131,10 @@ def top_eigenvalues(
 
 
 def hessian_trace(
-    model, x, y=None, max_iter=100, tol=1e-3, method="hutchinson", min_probes=10, probe="rademacher", loss=None,
-    groups=None, by="layer", seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
-):
+    model: keras.Model, x, y=None, max_iter: int = 100, tol: float = 1e-3, method: str = "hutchinson",
+    min_probes: int = 10, probe: str = "rademacher", loss=None, groups=None, by="layer", seed: int | None = None,
+    num_batches: int | None = None, mode: str = DEFAULT_MODE, jit_compile: bool = False, verbose: int = 0,
+) -> TraceEstimate:
     """tr(H) of the whole model (or a block) by Hutchinson or Hutch++, with a standard-error stop.
 
     Args:
@@ -170,9 +175,10 @@ def hessian_trace(
 
 
 def spectral_density(
-    model, x, y=None, num_runs=1, lanczos_steps=90, sigma=None, grid=10000, loss=None, groups=None, by="layer",
-    seed=None, num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
-):
+    model: keras.Model, x, y=None, num_runs: int = 1, lanczos_steps: int = 90, sigma: float | None = None,
+    grid: int = 10000, loss=None, groups=None, by="layer", seed: int | None = None, num_batches: int | None = None,
+    mode: str = DEFAULT_MODE, jit_compile: bool = False, verbose: int = 0,
+) -> SpectralDensity:
     """The Hessian's eigenvalue density by stochastic Lanczos quadrature (SLQ).
 
     Run r starts Lanczos (full reorthogonalisation) from Rademacher probe r of the package's
@@ -227,9 +233,10 @@ def spectral_density(
 
 
 def diagonal(
-    model, x, y=None, num_probes=100, groups=None, by="layer", probe="rademacher", loss=None, seed=None,
-    num_batches=None, mode=DEFAULT_MODE, jit_compile=False, verbose=0,
-):
+    model: keras.Model, x, y=None, num_probes: int = 100, groups=None, by="layer", probe: str = "rademacher",
+    loss=None, seed: int | None = None, num_batches: int | None = None, mode: str = DEFAULT_MODE,
+    jit_compile: bool = False, verbose: int = 0,
+) -> DiagonalResult:
     """Hutchinson estimate of the Hessian diagonal, E[v ⊙ H v], per group.
 
     Args:

@@ -136,6 +136,13 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
               resume=True, progress=True, prefix=""):
     """Train one run with the trace callback, resumably; return its result dict.
 
+    Resets Keras's process-wide state first, on purpose and by design of the runner:
+    ``keras.backend.clear_session()`` (frees the previous run's graphs and layer-name
+    counters, so layer names and memory do not grow across a grid of runs) and
+    ``keras.utils.set_random_seed(spec.seed)`` (the run's weights, dropout and shuffles are
+    a function of its seed). Call it from a process that owns Keras's global state: models
+    built before the call keep working, but their layer-name counters restart.
+
     Args:
         config: ``ExperimentConfig``.
         spec: ``RunSpec``.
