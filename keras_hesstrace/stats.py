@@ -2,38 +2,45 @@
 
 Pure numpy/scipy functions on arrays (shapes in each docstring):
 
-    cohens_d(a, b, ci=0.95, n_boot=2000, seed=0)   -> EffectSize
+    hedges_g(a, b, ci=0.95)                         -> EffectSize
+    hedges_correction(df)                           -> J (g = J d)
     wilson_interval(k, n, confidence=0.95)          -> (low, high)
     run_length_summary(alert_times, confidence=0.95)-> RunLengthSummary
     lag1_autocorrelation(z)                          -> Lag1Test
 """
 
 import math
+import warnings
 from typing import NamedTuple
 
 import numpy as np
+from scipy import optimize as _optimize
+from scipy import special as _special
 from scipy import stats as _sps
 
 from keras_hesstrace._validate import check_integer
 
 
 class EffectSize(NamedTuple):
-    """Cohen's d with a bootstrap percentile interval.
+    """Hedges' g with the exact (noncentral t) confidence interval.
 
     Attributes:
-        d: (mean(a) - mean(b)) / pooled SD.
-        low, high: bootstrap percentile interval at level ``ci``.
+        g: Hedges' g, the bias-corrected standardised mean difference J(df) * d
+            (df = n_a + n_b - 2, J the exact gamma-function correction): an unbiased
+            estimate of delta = (mu_a - mu_b) / sigma for normal groups of equal variance.
+        low, high: the noncentral t interval for delta at level ``ci`` (an interval for
+            the effect that g estimates, in the same units as g and d).
         n_a, n_b: sample sizes.
-        n_boot: bootstrap resamples with a defined d (resamples with zero pooled SD,
-            possible with few runs, are left out).
+        d: Cohen's d, (mean(a) - mean(b)) / pooled SD, uncorrected (biased away from 0
+            by the factor 1/J: 1.04 at 5 + 18 runs, 1.12 at 5 + 5).
     """
 
-    d: float
+    g: float
     low: float
     high: float
     n_a: int
     n_b: int
-    n_boot: int
+    d: float
 
 
 def _as_1d(x, name, min_n=1):
@@ -47,56 +54,116 @@ def _as_1d(x, name, min_n=1):
     return x
 
 
-def _pooled_d(mean_a, var_a, n_a, mean_b, var_b, n_b):
-    pooled = np.sqrt(((n_a - 1) * var_a + (n_b - 1) * var_b) / (n_a + n_b - 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(pooled > 0, (mean_a - mean_b) / np.where(pooled > 0, pooled, 1.0),
-                        np.nan)
+def hedges_correction(df):
+    """The exact small-sample factor J(df) with E[J d] = delta (Hedges 1981).
+
+    J(df) = Gamma(df/2) / (sqrt(df/2) Gamma((df-1)/2)), df = n_a + n_b - 2 >= 2; the
+    usual approximation 1 - 3/(4 df - 1) = 1 - 3/(4(n_a + n_b) - 9) is within 0.001 of
+    it from df = 6 (0.007 at df = 2).
+
+    Example:
+        >>> round(hedges_correction(21), 4), round(1 - 3 / (4 * 21 - 1), 4)
+        (0.9638, 0.9639)
+    """
+    if df < 2:
+        raise ValueError(f"df must be >= 2, got {df}.")
+    return math.exp(math.lgamma(df / 2) - math.lgamma((df - 1) / 2)) / math.sqrt(df / 2)
 
 
-def cohens_d(a, b, ci=0.95, n_boot=2000, seed=0):
-    """Cohen's d between two groups of runs, pooled SD, bootstrap CI resampling runs.
+def _noncentrality_limit(t, df, p):
+    """The noncentrality lam with P(T <= t | df, lam) = p (T noncentral t).
 
-    d = (mean(a) - mean(b)) / s_p, s_p^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) / (n_a+n_b-2),
-    s^2 the sample variance (ddof=1). The interval resamples the runs of each group
-    with replacement, independently, ``n_boot`` times, and takes percentiles of d.
+    The CDF falls monotonically in lam, so the root is bracketed by stepping out from t
+    and found with Brent's method. ``scipy.special.nctdtr`` is the function behind
+    ``scipy.stats.nct.cdf``, called directly: 15x faster, same values.
+    """
+    def excess(lam):
+        return _special.nctdtr(df, lam, t) - p
+
+    step = 5.0 * math.sqrt(1.0 + t * t / (2.0 * df))
+    lo, hi = t - step, t + step
+    while excess(lo) < 0:
+        lo -= step
+        step *= 2
+    while excess(hi) > 0:
+        hi += step
+        step *= 2
+    return _optimize.brentq(excess, lo, hi, xtol=1e-12, rtol=1e-12)
+
+
+def hedges_g(a, b, ci=0.95):
+    """Hedges' g between two groups of runs, with the exact noncentral t interval.
+
+    d = (mean(a) - mean(b)) / s_p, s_p^2 = ((n_a-1) s_a^2 + (n_b-1) s_b^2) / df,
+    df = n_a + n_b - 2, s^2 the sample variance (ddof=1); g = J(df) d
+    (:func:`hedges_correction`). For normal groups of equal variance
+    t = d sqrt(n_a n_b / (n_a + n_b)) follows the noncentral t distribution with df
+    degrees of freedom and noncentrality lam = delta sqrt(n_a n_b / (n_a + n_b)). The
+    interval inverts its CDF in lam, P(T <= t | lam_low) = (1 + ci)/2 and
+    P(T <= t | lam_high) = (1 - ci)/2, and divides by sqrt(n_a n_b / (n_a + n_b)) to give
+    the interval for delta on the scale of g. It is not multiplied by J: that would be an
+    interval for J delta, and covers delta less often as |delta| grows (0.93 at 10 + 10
+    runs and delta = 5 in the simulation below).
+
+    Measured coverage of delta (tests/test_stats.py, 2000 normal replications each, ci
+    0.95, Monte Carlo s.e. 0.005):
+
+        sizes (n_a, n_b)   delta = 0   delta = 1   delta = 5
+        (5, 18)            0.948       0.948       0.956
+        (5, 40)            0.945       0.957       0.950
+        (10, 10)           0.944       0.943       0.941
+
+    all within 3 s.e. of 0.95 (the bootstrap percentile interval this replaces covered
+    0.82-0.87 at 5 + 18); the mean of g is within 2.1 s.e. of delta in every case, that
+    of d 0.19 (9 s.e.) too high at 5 + 18 and delta = 5.
+    Non-normal or unequal-variance groups make the interval approximate.
 
     Args:
         a: array [n_a], one value per run (e.g. noisy runs' trace averaged over an
             epoch window); n_a >= 2.
         b: array [n_b], likewise (e.g. clean runs); n_b >= 2.
         ci: interval level in (0, 1).
-        n_boot: bootstrap resamples (>= 100).
-        seed: seed of the bootstrap generator.
 
     Returns:
-        ``EffectSize(d, low, high, n_a, n_b, n_boot)``.
+        ``EffectSize(g, low, high, n_a, n_b, d)``; g > 0 when a is larger.
 
     Raises:
         ValueError: fewer than two runs in a group, non-finite values, zero pooled SD.
 
     Example:
-        >>> cohens_d([1, 2, 3, 4, 5], [3, 4, 5, 6, 7]).d    # doctest: +ELLIPSIS
-        -1.264...
+        >>> e = hedges_g([1, 2, 3, 4, 5], [3, 4, 5, 6, 7])
+        >>> round(e.d, 3), round(e.g, 3), round(e.low, 3), round(e.high, 3)
+        (-1.265, -1.142, -2.615, 0.147)
     """
     a = _as_1d(a, "a", 2)
     b = _as_1d(b, "b", 2)
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}.")
-    if n_boot < 100:
-        raise ValueError(f"n_boot must be >= 100, got {n_boot}.")
-    d = float(_pooled_d(a.mean(), a.var(ddof=1), a.size, b.mean(), b.var(ddof=1), b.size))
-    if math.isnan(d):
-        raise ValueError("Both groups are constant (pooled SD = 0): Cohen's d is undefined.")
-    rng = np.random.default_rng(seed)
-    ra = a[rng.integers(0, a.size, size=(n_boot, a.size))]
-    rb = b[rng.integers(0, b.size, size=(n_boot, b.size))]
-    boot = _pooled_d(ra.mean(1), ra.var(1, ddof=1), a.size, rb.mean(1), rb.var(1, ddof=1),
-                     b.size)
-    boot = boot[np.isfinite(boot)]
-    alpha = (1 - ci) / 2
-    low, high = (np.quantile(boot, [alpha, 1 - alpha]) if boot.size else (np.nan, np.nan))
-    return EffectSize(d, float(low), float(high), int(a.size), int(b.size), int(boot.size))
+    n_a, n_b = int(a.size), int(b.size)
+    df = n_a + n_b - 2
+    pooled = math.sqrt(((n_a - 1) * a.var(ddof=1) + (n_b - 1) * b.var(ddof=1)) / df)
+    if pooled == 0:
+        raise ValueError("Both groups are constant (pooled SD = 0): the effect size is "
+                         "undefined.")
+    d = float((a.mean() - b.mean()) / pooled)
+    scale = math.sqrt(n_a * n_b / (n_a + n_b))
+    t = d * scale
+    tail = (1 - ci) / 2
+    low = _noncentrality_limit(t, df, 1 - tail) / scale
+    high = _noncentrality_limit(t, df, tail) / scale
+    return EffectSize(hedges_correction(df) * d, low, high, n_a, n_b, d)
+
+
+def cohens_d(a, b, ci=0.95, n_boot=None, seed=None):
+    """Deprecated: use :func:`hedges_g` (this calls it; ``n_boot`` and ``seed`` unused).
+
+    The bootstrap percentile interval it used to return covered 0.82-0.87 for a nominal
+    0.95 at 5 + 18 runs. The result's ``d`` is still Cohen's d; ``low``/``high`` are
+    now the noncentral t interval and ``g`` the bias-corrected estimate.
+    """
+    warnings.warn("stats.cohens_d is deprecated (its bootstrap interval under-covered); "
+                  "use stats.hedges_g.", DeprecationWarning, stacklevel=2)
+    return hedges_g(a, b, ci)
 
 
 def wilson_interval(k, n, confidence=0.95):

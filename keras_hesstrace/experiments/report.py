@@ -2,9 +2,9 @@
 
 :func:`summarize` scores every finished run (:mod:`keras_hesstrace.experiments.scoring`)
 and writes: ``summary.csv`` / ``summary.md`` (Table 1 of the paper: detection epoch mean
-+- sd, alert rate with its Wilson interval, h, Cohen's d with a bootstrap interval, clean
-test accuracy, then each cell's calibration diagnostics), ``detections.csv`` (one row per
-run and group) and two PNG plots per cell and monitored group (:func:`plot_cell`).
++- sd, alert rate with its Wilson interval, h, Hedges' g with its noncentral t interval,
+clean test accuracy, then each cell's calibration diagnostics), ``detections.csv`` (one row
+per run and group) and two PNG plots per cell and monitored group (:func:`plot_cell`).
 """
 
 import io
@@ -21,7 +21,7 @@ from keras_hesstrace.monitor.csv_log import atomic_write_text
 SUMMARY_COLUMNS = [
     "arch", "dataset", "group", "noise_rate", "n_runs", "n_alerts", "alert_rate",
     "alert_rate_low", "alert_rate_high", "det_epoch_mean", "det_epoch_sd", "det_epoch_median",
-    "h", "target_arl0", "expected_false_alarm", "cohens_d", "cohens_d_low", "cohens_d_high",
+    "h", "target_arl0", "expected_false_alarm", "hedges_g", "hedges_g_low", "hedges_g_high",
     "test_acc_mean", "test_acc_sd", "train_acc_mean", "memorised_mean", "runs_source",
 ]
 DETECTION_COLUMNS = [
@@ -56,8 +56,8 @@ def _summary_rows(config, cal, records):
             b = [r["window_mean"] for r in ref if np.isfinite(r["window_mean"])]
             if len(a) >= 2 and len(b) >= 2:
                 try:
-                    e = stats.cohens_d(a, b)
-                    d, lo_d, hi_d = e.d, e.low, e.high
+                    e = stats.hedges_g(a, b)
+                    d, lo_d, hi_d = e.g, e.low, e.high
                 except ValueError:
                     pass
             acc = np.array([r["test_accuracy"] for r in group_runs])
@@ -70,7 +70,7 @@ def _summary_rows(config, cal, records):
                 "det_epoch_sd": s.sd, "det_epoch_median": s.median, "h": gc.threshold,
                 "target_arl0": cal.target_arl0,
                 "expected_false_alarm": gc.expected_false_alarm_prob(group_runs[0]["n_snapshots"]),
-                "cohens_d": d, "cohens_d_low": lo_d, "cohens_d_high": hi_d,
+                "hedges_g": d, "hedges_g_low": lo_d, "hedges_g_high": hi_d,
                 "test_acc_mean": float(acc.mean()),
                 "test_acc_sd": float(acc.std(ddof=1)) if acc.size > 1 else float("nan"),
                 "train_acc_mean": float(np.mean([r["train_accuracy"] for r in group_runs])),
@@ -93,7 +93,7 @@ def summary_markdown(frame, calibrations, config):
         f"# Memorisation experiment `{config.name}`",
         "",
         "| arch | dataset | group | η | runs | det. epoch (mean ± sd) | alert rate [95% Wilson] "
-        "| h | Cohen's d [95% bootstrap] | clean test acc |",
+        "| h | Hedges' g [95% noncentral t] | clean test acc |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, r in frame.iterrows():
@@ -101,8 +101,8 @@ def summary_markdown(frame, calibrations, config):
                if r.n_alerts else "–")
         rate = (f"{r.alert_rate:.2f} [{r.alert_rate_low:.2f}, {r.alert_rate_high:.2f}]"
                 f" ({int(r.n_alerts)}/{int(r.n_runs)})")
-        d = (f"{_fmt(r.cohens_d, '.2f')} [{_fmt(r.cohens_d_low, '.2f')}, "
-             f"{_fmt(r.cohens_d_high, '.2f')}]")
+        d = (f"{_fmt(r.hedges_g, '.2f')} [{_fmt(r.hedges_g_low, '.2f')}, "
+             f"{_fmt(r.hedges_g_high, '.2f')}]")
         acc = f"{r.test_acc_mean:.3f} ± {_fmt(r.test_acc_sd, '.3f')}"
         lines.append(f"| {r.arch} | {r.dataset} | {r.group} | {r.noise_rate:.1f} | "
                      f"{int(r.n_runs)} | {det} | {rate} | {r.h:.2f} | {d} | {acc} |")
@@ -113,7 +113,7 @@ def summary_markdown(frame, calibrations, config):
         "Detection epoch: training epochs completed at the first alert (step / steps per "
         "epoch), over the runs that alerted. η = 0 rows: held-out clean runs standardised "
         "with the baseline of the calibration runs (alert rate = false-alarm rate); "
-        f"η > 0 rows: noisy runs (alert rate = power). Cohen's d on the mean "
+        f"η > 0 rows: noisy runs (alert rate = power). Hedges' g (bias-corrected d) on the mean "
         f"{scale_name(config)} over epochs {lo:g}–{hi:g}, "
         "noisy runs vs all clean runs (η = 0: held-out vs calibration runs).",
         "",
