@@ -69,7 +69,9 @@ def worker(op, opts, batch, warmup, reps, arch):
     import tensorflow as tf
 
     import keras_hesstrace as kh
-    from keras_hesstrace.hvp import hessian_operator, make_objective, to_tensors
+    from keras_hesstrace.batches import to_tensors
+    from keras_hesstrace.hvp import hessian_operator
+    from keras_hesstrace.losses import make_objective
 
     model, x, y = _setup(batch, arch)
     xt, yt = to_tensors(x, y)

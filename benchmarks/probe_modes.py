@@ -39,7 +39,8 @@ def main():
     import keras
 
     import keras_hesstrace as kh
-    from keras_hesstrace.hvp import make_objective, to_tensors
+    from keras_hesstrace.batches import to_tensors
+    from keras_hesstrace.losses import make_objective
     from hvp_cost import _setup  # the same model and batch as hvp_cost.py
 
     model, x, y = _setup(args.batch, args.arch)

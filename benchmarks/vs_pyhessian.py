@@ -52,7 +52,7 @@ def ours(npz, reps, warmup, probes, trace_probes):
 
     import keras_hesstrace as kh
     from keras_hesstrace import models
-    from keras_hesstrace.hvp import make_objective
+    from keras_hesstrace.losses import make_objective
 
     data = np.load(npz)
     x, y = tf.constant(data["x"]), tf.constant(data["y"])

@@ -206,7 +206,7 @@ def split_batch(x, y, max_batch_size=None):
         list of (x_chunk, y_chunk), ceil(n / max_batch_size) of them; all full but
         the last.
     """
-    n = int(tf.nest.flatten(y)[0].shape[0])
+    n = batch_size(y)
     if max_batch_size is None or n <= max_batch_size:
         return [(x, y)]
     size = int(max_batch_size)

@@ -35,7 +35,7 @@ def prepare(args):
         out = model(x[:2], training=False)
     except Exception as err:
         raise CLIError(f"the data (examples of shape {tuple(x.shape[1:])}) does not fit the model: {first_line(err)}") from None
-    from keras_hesstrace.hvp import make_objective
+    from keras_hesstrace.losses import make_objective
 
     import tensorflow as tf
 

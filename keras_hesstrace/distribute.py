@@ -8,6 +8,8 @@ single-device one on the whole batch.
 import numpy as np
 import tensorflow as tf
 
+from keras_hesstrace.batches import batch_size
+
 
 def effective_strategy(model, strategy=None):
     """The tf.distribute strategy to run on, or None for the plain single-device path.
@@ -30,7 +32,7 @@ def shard_batch(strategy, x, y):
     (x, y, weight) with weight = the shard's example count; a replica left without
     examples (batch smaller than the replica count) gets one example with weight 0.
     """
-    n = int(tf.nest.flatten(y)[0].shape[0])
+    n = batch_size(y)
 
     def value_fn(ctx):
         bounds = np.linspace(0, n, ctx.num_replicas_in_sync + 1).astype(int)

@@ -30,13 +30,13 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from keras_hesstrace.distribute import effective_strategy, shard_batch
-from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace._second_order import exact_moments, patch_available
+from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
+from keras_hesstrace.distribute import effective_strategy, shard_batch
 from keras_hesstrace.groups import check_model
-from keras_hesstrace.probes import draw_probe
+from keras_hesstrace.losses import loss_key, make_objective
 from keras_hesstrace.mode_check import ModeCheck, check_modes, forward_fallback, forward_unsafe_layers
-from keras_hesstrace.losses import loss_key, make_objective, resolve_loss  # noqa: F401 (re-exported)
+from keras_hesstrace.probes import draw_probe
 
 MODES = ("auto", "forward", "reverse")
 # "auto" checks forward against reverse once per operator and prefers forward, the mode
@@ -118,7 +118,7 @@ class HessianOperator:
 
     Args:
         model: a built Keras model.
-        loss: see :func:`resolve_loss`.
+        loss: see :func:`keras_hesstrace.losses.resolve_loss`.
         variable_indices: indices into ``model.trainable_variables`` of the block
             (``None``: all). For a block, v and Hv live on these variables only and
             the gradient is taken w.r.t. them only (H_SS v_S).
@@ -179,17 +179,17 @@ class HessianOperator:
         that the weighted average of the replicas' outputs is the whole batch's value.
         """
         arg_specs = [tf.TensorSpec(a.shape, a.dtype) for a in tf.nest.flatten(args)]
+
+        def exact_body(*a):  # runs while tracing: the moments get exact second derivatives
+            with exact_moments():
+                return body(*a)
+
         if self.strategy is None:
             signature = batch_signature(x, y) + tuple(tf.nest.pack_sequence_as(args, arg_specs))
             key = (kind, signature_key(signature))
             fn = self._functions.get(key)
             if fn is None:
-
-                def traced(*a):
-                    with exact_moments():
-                        return tf.nest.flatten(body(*a))
-
-                fn = tf.function(traced, input_signature=signature, jit_compile=self.jit_compile)
+                fn = tf.function(lambda *a: tf.nest.flatten(exact_body(*a)), input_signature=signature, jit_compile=self.jit_compile)
                 self._functions[key] = fn
             return fn(x, y, *args)
 
@@ -199,8 +199,7 @@ class HessianOperator:
         if fn is None:
 
             def weighted(x, y, w, *args):
-                with exact_moments():
-                    outs = body(x, y, *args)
+                outs = exact_body(x, y, *args)
                 return [tf.cast(o, tf.float64) * w for o in tf.nest.flatten(outs)], w
 
             def step(dist, *args):

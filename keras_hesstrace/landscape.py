@@ -19,10 +19,10 @@ import numpy as np
 import keras
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
 from keras_hesstrace.linalg.common import make_rng
 from keras_hesstrace.spectrum import block_indices, top_eigenvalues
-from keras_hesstrace.batches import check_reiterable, resolve_data, weighted_mean
+from keras_hesstrace.batches import check_reiterable, resolve_data, to_tensors, weighted_mean
 
 DIRECTIONS = ("top1", "top2", "random1", "random2", "random")
 
@@ -154,7 +154,7 @@ def loss_landscape(
             restored bit-identically afterwards, also on error.
         x, y: one batch (``x, y``, or the tuple ``(x, y)`` as x), or x a ``tf.data.Dataset``
             / list of (x, y) batches (the loss is then the example-weighted mean over the
-            batches); :func:`keras_hesstrace.trace.resolve_data` gives the rules.
+            batches); :func:`keras_hesstrace.batches.resolve_data` gives the rules.
         directions: "top2" / "top1": the Hessian's top eigenvectors (largest magnitude,
             unit norm, from :func:`keras_hesstrace.spectrum.top_eigenvalues`) for a 2-D / 1-D
             grid; "random2" (or "random") / "random1": filter-normalised Gaussian

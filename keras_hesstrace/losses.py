@@ -49,16 +49,22 @@ def loss_dtype(model: keras.Model) -> str:
     return "float64" if any(v.dtype == "float64" for v in model.trainable_variables) else "float32"
 
 
+def _set_dtype(loss, dtype):
+    """``loss`` (a Loss we own) made to compute in ``dtype``; returns it.
+
+    Keras fixes a Loss's compute dtype at construction (floatx) and has no setter.
+    """
+    loss._dtype_policy = keras.dtype_policies.get(dtype)
+    loss._dtype = loss._dtype_policy.compute_dtype
+    return loss
+
+
 def _in_dtype(loss, dtype):
     """A copy of one loss (Loss, name or callable) that computes in ``dtype``."""
     if isinstance(loss, keras.losses.Loss):
         if loss.dtype == dtype:
             return loss
-        out = copy.copy(loss)
-        # Keras fixes a Loss's compute dtype at construction (floatx); there is no setter.
-        out._dtype_policy = keras.dtype_policies.get(dtype)
-        out._dtype = out._dtype_policy.compute_dtype
-        return out
+        return _set_dtype(copy.copy(loss), dtype)
     if isinstance(loss, str):
         try:
             fn = keras.losses.get(loss)
@@ -74,17 +80,11 @@ def _in_dtype(loss, dtype):
 
 def _container(model, losses, loss_weights, dtype):
     """A private CompileLoss over ``losses`` (a nest) computing in ``dtype``."""
-    if isinstance(losses, (dict, list, tuple)):
-        resolved = tf.nest.map_structure(lambda leaf: _in_dtype(leaf, dtype), losses)
-    else:
-        resolved = _in_dtype(losses, dtype)
+    resolved = tf.nest.map_structure(lambda leaf: _in_dtype(leaf, dtype), losses)
     output_names = getattr(getattr(model, "_compile_loss", None), "output_names", None)
     if output_names is None:
         output_names = getattr(model, "output_names", None)
-    container = CompileLoss(resolved, loss_weights, output_names=output_names)
-    container._dtype_policy = keras.dtype_policies.get(dtype)
-    container._dtype = container._dtype_policy.compute_dtype
-    return container
+    return _set_dtype(CompileLoss(resolved, loss_weights, output_names=output_names), dtype)
 
 
 def resolve_loss(model: keras.Model, loss=None) -> keras.losses.Loss:

@@ -53,16 +53,21 @@ def forward_unsafe_layers(model):
 
     convs = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
     return tuple(
-        f"{type(layer).__name__}({getattr(layer, 'path', layer.name)})"
+        _label(layer)
         for layer in model._flatten_layers(include_self=False, recursive=True)
         if isinstance(layer, convs) and int(getattr(layer, "groups", 1) or 1) > 1
     )
 
 
-def forward_fallback(err):
-    """The :class:`ModeCheck` of an explicit mode="forward" that failed and fell back to reverse."""
+def forward_fallback(err, tolerance=float("nan"), seconds=0.0):
+    """The :class:`ModeCheck` of a forward mode that failed: reverse, with the cause."""
     cause = f"{type(err).__name__}: {error_summary(err)}"
-    return ModeCheck("reverse", f"forward mode failed ({cause[:200]})", float("nan"), float("nan"), 0.0)
+    return ModeCheck("reverse", f"forward mode failed ({cause[:200]})", float("nan"), tolerance, seconds)
+
+
+def _label(layer):
+    """ "Class(path)" of a layer, as the warnings name it."""
+    return f"{type(layer).__name__}({getattr(layer, 'path', layer.name)})"
 
 
 def _layer_of_variable(model):
@@ -70,7 +75,7 @@ def _layer_of_variable(model):
     owners = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
         for v in layer.trainable_weights:
-            owners[id(v)] = f"{type(layer).__name__}({layer.path if hasattr(layer, 'path') else layer.name})"
+            owners[id(v)] = _label(layer)
     return owners
 
 
@@ -94,11 +99,11 @@ def check_modes(op, x, y):
         forward, _ = op._matvec_in("forward", x, y, vector)
         failure = None
     except Exception as err:  # noqa: BLE001 - any failure of forward mode means: use reverse
-        forward, failure = None, f"{type(err).__name__}: {error_summary(err)}"
+        forward, failure = None, err
     reverse, _ = op._matvec_in("reverse", x, y, vector)
     rev = [np.asarray(h, dtype=np.float64) for h in reverse]
     if failure is not None:
-        return ModeCheck("reverse", f"forward mode failed ({failure[:200]})", float("nan"), tolerance, time.perf_counter() - start)
+        return forward_fallback(failure, tolerance, time.perf_counter() - start)
     fwd = [np.asarray(h, dtype=np.float64) for h in forward]
     norm = np.sqrt(sum(float(np.sum(r * r)) for r in rev))
     diff = np.sqrt(sum(float(np.sum((f - r) ** 2)) for f, r in zip(fwd, rev)))

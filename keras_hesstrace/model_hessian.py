@@ -10,7 +10,8 @@ import keras
 
 from keras_hesstrace.batches import check_reiterable, resolve_data
 from keras_hesstrace.groups import group_indices, layer_groups, select_groups
-from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, to_tensors
+from keras_hesstrace.batches import to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
 from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
 
 

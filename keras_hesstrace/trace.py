@@ -17,9 +17,9 @@ import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
-from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator, resolve_loss, to_tensors
-from keras_hesstrace.batches import is_dataset, iterate_batches, resolve_data, split_batch  # noqa: F401
-from keras_hesstrace.losses import check_mean_reduction  # noqa: F401 (the callback's import)
+from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
+from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
+from keras_hesstrace.losses import check_mean_reduction, resolve_loss
 from keras_hesstrace.probes import check_probe, probe_seed
 from keras_hesstrace.linalg.common import stderr as _stderr  # the one standard error (numpy core)
 
@@ -145,7 +145,7 @@ def layer_traces(
         x: a batch of inputs [batch, ...], the tuple ``(x, y)`` of one batch, or a
             ``tf.data.Dataset`` / list of (x, y) batches (the full-dataset mode: each
             probe's sample is averaged over the batches, weighted by batch size).
-            :func:`resolve_data` gives the rules.
+            :func:`keras_hesstrace.batches.resolve_data` gives the rules.
         y: the batch's targets (omit when x is ``(x, y)`` or a dataset).
         num_probes: M, the number of probes (HVPs per batch).
         by: how to group the variables, as :func:`layer_groups` takes it
@@ -231,7 +231,7 @@ def layer_traces(
         for start, seeds in chunks:
             stop = start + int(seeds.shape[0])
             for xc, yc in parts:
-                weight = int(tf.nest.flatten(yc)[0].shape[0])
+                weight = batch_size(yc)
                 s_g, total, loss_value = op.probe_contractions(xc, yc, seeds, probe, indices)
                 samples[start:stop] += weight * s_g.numpy()
                 totals[start:stop] += weight * total.numpy()

@@ -1,6 +1,6 @@
 """Data given the same way to every estimator: ``x, y``, the tuple ``(x, y)``, or a dataset.
 
-``keras_hesstrace.trace.resolve_data`` is the one place that decides; every consumer must
+``keras_hesstrace.batches.resolve_data`` is the one place that decides; every consumer must
 give identical results for ``f(model, x, y)`` and ``f(model, (x, y))``, and refuse the
 ambiguous forms with a message that shows the right call.
 """
@@ -13,7 +13,7 @@ import keras
 import keras_hesstrace as kh
 from keras_hesstrace import landscape as ls
 from keras_hesstrace import spectrum as sp
-from keras_hesstrace.trace import resolve_data
+from keras_hesstrace.batches import resolve_data
 import models_for_tests as mt
 
 

@@ -44,7 +44,8 @@ import keras
 
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups, select_groups, split_grouping
-from keras_hesstrace.hvp import DEFAULT_MODE, check_mode, resolve_loss
+from keras_hesstrace.hvp import DEFAULT_MODE, check_mode
+from keras_hesstrace.losses import check_mean_reduction, resolve_loss
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import (
     TOTAL,
@@ -57,7 +58,7 @@ from keras_hesstrace.monitor.page_hinkley import PageHinkley
 from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
 from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, check_tensorboard
-from keras_hesstrace.trace import check_mean_reduction, layer_traces
+from keras_hesstrace.trace import layer_traces
 
 _NAN = float("nan")
 _logger = logging.getLogger("keras_hesstrace")

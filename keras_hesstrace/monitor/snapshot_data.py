@@ -8,7 +8,7 @@ so snapshot k uses the same batch as in an uninterrupted run.
 
 import tensorflow as tf
 
-from keras_hesstrace.trace import resolve_data
+from keras_hesstrace.batches import resolve_data
 
 
 def check_snapshot_data(data):
@@ -17,7 +17,7 @@ def check_snapshot_data(data):
         if data.cardinality() == 0:
             raise ValueError("data is an empty tf.data.Dataset.")
         return
-    # The estimators' own rule for "one batch" (trace.resolve_data), so that what
+    # The estimators' own rule for "one batch" (batches.resolve_data), so that what
     # layer_traces(model, data) reads as one batch is one batch here too.
     try:
         one_batch = not resolve_data(data, None, caller="layer_traces")[2]
