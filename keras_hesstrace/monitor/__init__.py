@@ -6,9 +6,11 @@ Public API:
     HessianTraceCallback
 
 Modules: baseline (Baseline, the transform, the reference snapshot), page_hinkley (the
-rule), resampling (leave-one-out z, block bootstrap, ARL0), calibration
-(calibrate_threshold and the Calibration file), callback (HessianTraceCallback) with
-csv_log, tensorboard_log, snapshot_data and precision.
+rule), calibration (calibrate_threshold: h for a per-run false-alarm probability or an
+in-control ARL), conformal (the per-run rule), resampling (leave-one-out z, block
+bootstrap, ARL0), calibration_result (Calibration, GroupCalibration and the calibration
+file), callback (HessianTraceCallback) with csv_log, tensorboard_log, snapshot_data and
+precision.
 """
 
 from keras_hesstrace.monitor.baseline import Baseline

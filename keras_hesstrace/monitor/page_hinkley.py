@@ -328,24 +328,33 @@ def _jsonable_step(step):
     return step
 
 
-def page_hinkley_statistics(z, delta=0.5):
+def page_hinkley_statistics(z, delta=0.5, initial=None):
     """g+ and g- for many trajectories at once (Lindley's closed form of the recursion).
 
-    g+_t = W_t - min(0, min_{s<=t} W_s) with W_t = sum_{s<=t} (z_s - delta), which is
-    max(0, g+_{t-1} + z_t - delta) unrolled; g- likewise with -z_s - delta.
+    g+_t = W_t - min(0, min_{s<=t} W_s) with W_t = g+_init + sum_{s<=t} (z_s - delta),
+    which is max(0, g+_{t-1} + z_t - delta) unrolled from g+_init (0 by default); g-
+    likewise with -z_s - delta.
 
     Args:
         z: float array [..., T] of standardised values, time on the last axis.
         delta: allowance >= 0.
+        initial: None (g+ = g- = 0 before the first value), or (g_pos0, g_neg0), each
+            >= 0, a float or an array [...]: the statistics carried over from earlier
+            values of the same trajectories (to run a long trajectory in pieces).
 
     Returns:
         (g_pos, g_neg), float64 arrays [..., T].
     """
     z = np.asarray(z, dtype=np.float64)
+    start = (0.0, 0.0) if initial is None else initial
     out = []
-    for w in (np.cumsum(z - delta, axis=-1), np.cumsum(-z - delta, axis=-1)):
-        low = np.minimum.accumulate(np.minimum(w, 0.0), axis=-1)
-        out.append(w - low)
+    for sign, g0 in zip((1.0, -1.0), start):
+        w = np.cumsum(sign * z - delta, axis=-1)
+        if initial is not None:
+            w += np.asarray(g0, dtype=np.float64)[..., None]
+        low = np.minimum.accumulate(np.minimum(w, 0.0, out=np.empty_like(w)), axis=-1)
+        w -= low
+        out.append(w)
     return out[0], out[1]
 
 

@@ -6,7 +6,8 @@ Contents:
     block_indices       the circular block bootstrap within runs.
     Resampled           ARL0(h) on resampled sequences (the recursion is
                         ``page_hinkley.page_hinkley_statistics``).
-    bisect_threshold    the h with ARL0(h) = target.
+    bracket_threshold, bisect_threshold
+                        the h with ARL0(h) = target (its bracket; its upper end).
 """
 
 import math
@@ -24,6 +25,7 @@ from keras_hesstrace.monitor.baseline import (
 from keras_hesstrace.monitor.page_hinkley import page_hinkley_statistics
 
 _CHUNK_ELEMENTS = 2_000_000  # sequences x snapshots simulated at once (16 MB per array)
+_STREAM_BATCH = 65_536  # values drawn at a time (about) by _IndexStream
 
 
 def loo_standardize(trajectories, transform=None, ddof=1, reference=None):
@@ -119,6 +121,64 @@ def block_indices(lengths, n_values, block_length, rng):
     return np.concatenate(pieces)[:n_values]
 
 
+class _IndexStream:
+    """One endless stream of resampled indices, handed out in pieces of any size.
+
+    Values are drawn in batches of a fixed size (``_STREAM_BATCH`` values i.i.d., or
+    the number of blocks whose mean total is about that), and what a ``take`` does not
+    use is kept for the next one (the resampling position): the stream is the same
+    whatever the sizes of the pieces taken. Blocks are those of ``block_indices``.
+    """
+
+    def __init__(self, lengths, block_length, rng):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.block_length = block_length
+        self.rng = rng
+        self.iid = block_length is not None and int(block_length) == 1
+        self.p = self.lengths / self.lengths.sum()
+        self.blen = (self.lengths if block_length is None
+                     else np.minimum(self.lengths, int(block_length)))
+        self.n_blocks = max(1, int(_STREAM_BATCH // float(np.sum(self.p * self.blen))))
+        self.left = np.empty(0, dtype=np.int64)
+
+    def _batch(self):
+        if self.iid:
+            return self.rng.integers(0, int(self.lengths.sum()), size=_STREAM_BATCH)
+        lengths = self.lengths
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        run = self.rng.choice(lengths.size, size=self.n_blocks, p=self.p)
+        offset = self.rng.integers(0, lengths[run])
+        b = self.blen[run]
+        block_of = np.repeat(np.arange(run.size), b)
+        within = np.arange(int(b.sum())) - np.repeat(np.cumsum(b) - b, b)
+        return starts[run][block_of] + (offset[block_of] + within) % lengths[run][block_of]
+
+    def take(self, n):
+        """int64 array [n]: the next n indices of the stream."""
+        pieces, have = [self.left], self.left.size
+        while have < n:
+            pieces.append(self._batch())
+            have += pieces[-1].size
+        out = np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+        self.left = out[n:].copy()
+        return out[:n]
+
+
+def _records(stat, run_max_before, t0):
+    """Records of the running maximum of ``stat`` [c, L] that continues the running
+    maxima ``run_max_before`` [c] (-inf at a sequence's start); times 1-based from t0.
+
+    Returns (values, times, counts per row, running maxima after the piece [c]).
+    """
+    run_max = np.maximum.accumulate(stat, axis=1)
+    np.maximum(run_max, run_max_before[:, None], out=run_max)
+    is_record = np.empty(run_max.shape, dtype=bool)
+    np.greater(run_max[:, :1], run_max_before[:, None], out=is_record[:, :1])
+    np.greater(run_max[:, 1:], run_max[:, :-1], out=is_record[:, 1:])
+    rows, cols = np.nonzero(is_record)  # row-major: grouped by sequence, in time
+    return run_max[rows, cols], cols + 1 + t0, is_record.sum(axis=1), run_max[:, -1].copy()
+
+
 class Resampled:
     """Running maxima of max(g+, g-) on resampled z sequences, kept as their records.
 
@@ -131,6 +191,13 @@ class Resampled:
     any h is the time of the first record of M above h. Keeping only the records (value
     and time at each increase of M) makes ARL0(h) cheap to evaluate for many h.
 
+    Memory is bounded by ``time_chunk`` (default ``_CHUNK_ELEMENTS``) whatever the
+    length: sequences of at most ``time_chunk`` snapshots are simulated several at a
+    time (``time_chunk // length`` of them per array); a longer sequence is simulated
+    alone, ``time_chunk`` snapshots at a time, carrying g+, g-, the running maximum and
+    the position in the resampled stream from one piece to the next. The records of a
+    sequence number O(log length) for a stationary z, so they stay small.
+
     Args:
         segments: list of 1-D arrays, the runs' z (their concatenation is the pool).
         delta: allowance.
@@ -138,16 +205,32 @@ class Resampled:
         length: snapshots per sequence.
         seed: int.
         block_length: int >= 1 or None (whole runs); 1 draws from the pool i.i.d.
+        time_chunk: snapshots per array (default ``_CHUNK_ELEMENTS``).
     """
 
-    def __init__(self, segments, delta, n_sequences, length, seed, block_length=1):
+    def __init__(self, segments, delta, n_sequences, length, seed, block_length=1,
+                 time_chunk=None):
         rng = np.random.default_rng(seed)
         self.length = int(length)
         self.n_sequences = int(n_sequences)
         pool = np.concatenate(segments)
         lengths = np.array([len(s) for s in segments])
+        time_chunk = _CHUNK_ELEMENTS if time_chunk is None else int(time_chunk)
+        if self.length <= time_chunk:
+            values, times, counts = self._whole(pool, lengths, delta, block_length, rng,
+                                                time_chunk)
+        else:
+            values, times, counts = self._in_pieces(pool, lengths, delta, block_length,
+                                                    rng, time_chunk)
+        self.values = np.concatenate(values)
+        self.times = np.concatenate(times).astype(np.float64)
+        self.counts = np.concatenate(counts)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+
+    def _whole(self, pool, lengths, delta, block_length, rng, time_chunk):
+        """Whole sequences, ``time_chunk // length`` of them per array."""
         iid = block_length is not None and int(block_length) == 1
-        per_chunk = max(1, _CHUNK_ELEMENTS // self.length)
+        per_chunk = max(1, time_chunk // self.length)
         values, times, counts = [], [], []
         done = 0
         while done < self.n_sequences:
@@ -158,20 +241,39 @@ class Resampled:
                 z = pool[block_indices(lengths, c * self.length, block_length, rng)]
                 z = z.reshape(c, self.length)
             g_pos, g_neg = page_hinkley_statistics(z, delta)  # the one recursion
-            run_max = np.maximum.accumulate(np.maximum(g_pos, g_neg, out=g_pos), axis=1)
+            del z
+            stat = np.maximum(g_pos, g_neg, out=g_pos)
             del g_neg
-            is_record = np.empty(run_max.shape, dtype=bool)
-            is_record[:, 0] = True
-            np.greater(run_max[:, 1:], run_max[:, :-1], out=is_record[:, 1:])
-            rows, cols = np.nonzero(is_record)  # row-major: grouped by sequence, in time
-            values.append(run_max[rows, cols])
-            times.append(cols + 1)
-            counts.append(is_record.sum(axis=1))
+            v, t, n, _ = _records(stat, np.full(c, -np.inf), 0)
+            values.append(v)
+            times.append(t)
+            counts.append(n)
             done += c
-        self.values = np.concatenate(values)
-        self.times = np.concatenate(times).astype(np.float64)
-        self.counts = np.concatenate(counts)
-        self.starts = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        return values, times, counts
+
+    def _in_pieces(self, pool, lengths, delta, block_length, rng, time_chunk):
+        """One sequence at a time, ``time_chunk`` snapshots per array, state carried:
+        sequence j is values [j * length, (j + 1) * length) of one ``_IndexStream``."""
+        stream = _IndexStream(lengths, block_length, rng)
+        values, times, counts = [], [], []
+        for _ in range(self.n_sequences):
+            g = (np.zeros(1), np.zeros(1))
+            run_max = np.full(1, -np.inf)
+            n = 0
+            for t0 in range(0, self.length, time_chunk):
+                z = pool[stream.take(min(time_chunk, self.length - t0))][None, :]
+                g_pos, g_neg = page_hinkley_statistics(z, delta, initial=g)  # the one recursion
+                del z
+                g = (g_pos[:, -1].copy(), g_neg[:, -1].copy())
+                stat = np.maximum(g_pos, g_neg, out=g_pos)
+                del g_neg
+                v, t, k, run_max = _records(stat, run_max, t0)
+                del stat, g_pos
+                values.append(v)
+                times.append(t)
+                n += int(k[0])
+            counts.append(np.array([n]))
+        return values, times, counts
 
     def run_lengths(self, h):
         """[n_sequences] run lengths at threshold h, NaN where censored."""
@@ -197,8 +299,9 @@ class Resampled:
         return float(np.mean(~np.isnan(rl) & (rl <= horizon)))
 
 
-def bisect_threshold(sim, target, tol):
-    """Smallest-bracket h with ARL0(h) >= target, by bisection on [lo, hi]."""
+def bracket_threshold(sim, target, tol):
+    """(lo, hi) with ARL0(lo) < target <= ARL0(hi) and hi - lo <= tol * max(hi, 1),
+    by doubling from h = 1 and bisection."""
     lo = 0.0
     if sim.arl(lo) >= target:
         raise ValueError(
@@ -216,4 +319,9 @@ def bisect_threshold(sim, target, tol):
             lo = mid
         else:
             hi = mid
-    return hi
+    return lo, hi
+
+
+def bisect_threshold(sim, target, tol):
+    """Smallest-bracket h with ARL0(h) >= target: the upper end of ``bracket_threshold``."""
+    return bracket_threshold(sim, target, tol)[1]
