@@ -46,7 +46,7 @@ def fresh_alarm_rate(cal, fresh):
 #   offset  N=10: 0.0710 / 0.074 / 0.0 / 0.375
 #   ar09    N=20: 0.0753 / 0.053 / 0.002 / 0.306
 # k/(N+1) = 0.0909 (N=10) and 0.0952 (N=20). The spread is the Beta(k, N+1-k) spread
-# the result reports (sd 0.079 for Beta(1, 10), 0.064 for Beta(2, 19)). The mean is below
+# the result reports (sd 0.083 for Beta(1, 10), 0.063 for Beta(2, 19)). The mean is below
 # k/(N+1): the calibration runs are standardised with N-1 other runs, a new run with all
 # N, whose z are a little less extreme (conservative by 10-25 % at N = 10).
 @pytest.mark.parametrize("model, n_runs", [("iid", 10), ("ar05", 10), ("ar09", 10),
