@@ -311,8 +311,10 @@ class HessianOperator:
             group_positions: tuple of tuples of positions into ``self.variables``.
 
         Returns:
-            (s, total, loss): s float64 [P, G] with s[p, g] = Σ_{var in g} <v_var, (Hv)_var>,
-            total float64 [P] = <v, Hv> over all variables of the operator, and the loss.
+            (s, total, loss, *grads): s float64 [P, G] with s[p, g] = Σ_{var in g}
+            <v_var, (Hv)_var>, total float64 [P] = <v, Hv> over all variables of the
+            operator, the loss, then the loss's gradient, one tensor per variable of
+            ``self.variables`` (from the same pass; float64 under a strategy).
         """
         self.resolve_mode(x, y)
         return self._forward_or_fallback(lambda: self._probe_contractions_in(self.mode, x, y, seeds, probe, group_positions))
@@ -323,13 +325,13 @@ class HessianOperator:
 
         def body(x, y, seeds):
             vectors = [draw_probe(variables, seeds[i], probe) for i in range(num)]
-            loss, _, hvs = hvp_body_many(objective, variables, x, y, vectors, mode)
+            loss, grads, hvs = hvp_body_many(objective, variables, x, y, vectors, mode)
             rows, totals = [], []
             for v, hv in zip(vectors, hvs):
                 per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
                 rows.append(tf.stack([tf.add_n([per_var[i] for i in idx]) for idx in group_positions]))
                 totals.append(tf.add_n(per_var))
-            return tf.stack(rows), tf.stack(totals), tf.cast(loss, tf.float64)
+            return (tf.stack(rows), tf.stack(totals), tf.cast(loss, tf.float64), *grads)
 
         return self._run(("probe", probe, group_positions, mode), body, x, y, seeds)
 

@@ -41,6 +41,10 @@ class TraceResult:
         seed: the base seed; probe m used the stateless seed (seed, m).
         mode: how the Hessian-vector products were computed ("forward" or "reverse";
             with ``mode="auto"`` the one the operator's check chose).
+        gradient_norms: float64 [G], the L2 norm of each group's block of the loss's
+            gradient on the same batch(es) (batch-weighted mean gradient), from the same
+            pass as the products; None where not computed.
+        gradient_norm: the L2 norm of the whole gradient (all the operator's variables).
     """
 
     groups: tuple
@@ -52,6 +56,8 @@ class TraceResult:
     probe: str = "rademacher"
     seed: int = 0
     mode: str = "reverse"
+    gradient_norms: np.ndarray | None = None
+    gradient_norm: float = float("nan")
 
     @property
     def num_probes(self) -> int:
@@ -100,6 +106,8 @@ class TraceResult:
                 "rel_stderr": rel,
                 "num_params": self.group_sizes,
                 "num_probes": self.num_probes,
+                "gradient_norm": (np.full(len(self.groups), np.nan) if self.gradient_norms is None
+                                  else self.gradient_norms),
             },
             index=pd.Index(list(self.groups), name="group"),
         )
@@ -189,7 +197,7 @@ def layer_traces(
         >>> result.groups
         ('hidden', 'head')
         >>> result.to_frame().columns.tolist()
-        ['trace', 'stderr', 'rel_stderr', 'num_params', 'num_probes']
+        ['trace', 'stderr', 'rel_stderr', 'num_params', 'num_probes', 'gradient_norm']
         >>> bool(np.isclose(result.trace.sum(), result.total))   # the layers cover the model
         True
     """
@@ -224,7 +232,7 @@ def layer_traces(
 
     samples = np.zeros((num_probes, len(names)))
     totals = np.zeros(num_probes)
-    loss_sum, weight_sum, n_batches, done = 0.0, 0, 0, 0
+    loss_sum, weight_sum, n_batches, done, grad_sum = 0.0, 0, 0, 0, None
     for xb, yb in batches:
         xb, yb = to_tensors(xb, yb)
         parts = split_batch(xb, yb, max_batch_size)
@@ -232,18 +240,21 @@ def layer_traces(
             stop = start + int(seeds.shape[0])
             for xc, yc in parts:
                 weight = batch_size(yc)
-                s_g, total, loss_value = op.probe_contractions(xc, yc, seeds, probe, indices)
+                s_g, total, loss_value, *grads = op.probe_contractions(xc, yc, seeds, probe, indices)
                 samples[start:stop] += weight * s_g.numpy()
                 totals[start:stop] += weight * total.numpy()
                 if start == 0:
                     loss_sum += weight * float(loss_value)
                     weight_sum += weight
+                    grads = [tf.cast(g, tf.float64) * weight for g in grads]
+                    grad_sum = grads if grad_sum is None else [a + b for a, b in zip(grad_sum, grads)]
             done += stop - start
             if bar is not None:
                 bar.update(done)
         n_batches += 1
     samples /= weight_sum
     totals /= weight_sum
+    squares = np.array([float(tf.reduce_sum(tf.square(g))) for g in grad_sum]) / weight_sum**2
     result = TraceResult(
         groups=names,
         samples=samples,
@@ -254,6 +265,8 @@ def layer_traces(
         probe=probe,
         seed=int(seed),
         mode=op.mode,
+        gradient_norms=np.sqrt(np.array([squares[list(idx)].sum() for idx in indices])),
+        gradient_norm=float(np.sqrt(squares.sum())),
     )
     if not result.finite:
         warnings.warn(

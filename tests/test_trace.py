@@ -11,6 +11,7 @@ from keras_hesstrace.hvp import hessian_operator
 from keras_hesstrace.probes import draw_probe, probe_seed
 from keras_hesstrace.variance import block_traces
 from reference import exact_hessian, flatten, group_block_sizes, xent64
+from reference import objective as reference_objective
 
 
 def _exact_block_traces(model, x, y, groups="layer"):
@@ -151,7 +152,8 @@ def test_to_frame_and_str():
     x, y = mt.data()
     r = kh.layer_traces(model, x, y, num_probes=3, seed=0, loss=xent64())
     frame = r.to_frame()
-    assert list(frame.columns) == ["trace", "stderr", "rel_stderr", "num_params", "num_probes"]
+    assert list(frame.columns) == ["trace", "stderr", "rel_stderr", "num_params", "num_probes",
+                                  "gradient_norm"]
     assert list(frame.index) == ["hidden", "hidden2", "head"]
     assert frame["num_params"].tolist() == [36, 28, 15]
     np.testing.assert_allclose(frame["trace"].to_numpy(), r.trace)
@@ -255,7 +257,8 @@ def test_by_groups_and_a_selection_of_groups():
     chosen = kh.layer_traces(model, x, y, num_probes=3, seed=4, loss=xent64(), groups=["head", "hidden"])
     assert chosen.groups == ("head", "hidden")
     np.testing.assert_array_equal(chosen.samples, full.samples[:, [2, 0]])  # the same probes, a subset
-    np.testing.assert_array_equal(chosen.total_samples, full.total_samples)  # total: still the whole model
+    # total: still the whole model (another compiled function: equal up to rounding)
+    np.testing.assert_allclose(chosen.total_samples, full.total_samples, rtol=1e-13)
     one = kh.layer_traces(model, x, y, num_probes=3, seed=4, loss=xent64(), groups="head")
     assert one.groups == ("head",)
     with pytest.raises(ValueError, match=r"Unknown group\(s\) \['nope'\].*hidden, hidden2, head|Unknown group"):
@@ -268,3 +271,33 @@ def test_by_groups_and_a_selection_of_groups():
     np.testing.assert_array_equal(old.samples, by_variable.samples)
     with pytest.raises(ValueError, match="is a grouping, and by="):
         kh.layer_traces(model, x, y, num_probes=2, loss=xent64(), by="variable", groups="layer")
+
+
+@pytest.mark.parametrize("max_batch_size", [None, 7])
+def test_gradient_norms_match_central_differences_of_the_loss(max_batch_size):
+    """The per-group gradient norms from the trace's own pass equal those of a central
+    finite-difference gradient of the float64 loss (independent of autodiff)."""
+    model = mt.mlp()
+    x, y = mt.data()
+    loss = xent64()
+    r = kh.layer_traces(model, x, y, num_probes=2, seed=0, loss=loss,
+                        max_batch_size=max_batch_size)
+    mapping = kh.layer_groups(model, "layer")
+    eps, fd = 1e-6, []
+    for var in model.trainable_variables:
+        base = var.numpy()
+        g = np.zeros(base.size)
+        for i in range(base.size):
+            for sign in (1, -1):
+                shifted = base.copy().ravel()
+                shifted[i] += sign * eps
+                var.assign(shifted.reshape(base.shape))
+                g[i] += sign * float(reference_objective(model, x, y, loss)) / (2 * eps)
+        var.assign(base)
+        fd.append(g)
+    edges = np.cumsum([0] + group_block_sizes(mapping))
+    flat = np.concatenate(fd)
+    expected = [np.linalg.norm(flat[a:b]) for a, b in zip(edges[:-1], edges[1:])]
+    np.testing.assert_allclose(r.gradient_norms, expected, rtol=1e-7)
+    np.testing.assert_allclose(r.gradient_norm, np.linalg.norm(flat), rtol=1e-7)
+    assert list(r.to_frame()["gradient_norm"]) == list(r.gradient_norms)
