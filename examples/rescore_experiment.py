@@ -55,9 +55,18 @@ def rescore(out, group=None, reference="config", block_length=None, target_arl0=
         config = ExperimentConfig.from_dict(json.load(f))
     group = config.monitor[0] if group is None else group
     ref = config.reference_snapshot if reference == "config" else reference
-    arl0 = config.target_arl0 if target_arl0 is None else target_arl0
-    lines = [f"{out}: group {group!r}, reference snapshot {ref}, target ARL0 {arl0:g}, "
-             f"{'whole runs' if block_length is None else f'blocks of {block_length}'}"]
+    if target_arl0 is not None:
+        target = {"target_arl0": target_arl0, "n_resamples": config.n_resamples,
+                  "block_length": block_length}
+    elif config.false_alarm_prob is not None:
+        target = {"false_alarm_prob": config.false_alarm_prob}
+    else:
+        target = {"target_arl0": config.target_arl0, "n_resamples": config.n_resamples,
+                  "block_length": block_length}
+    what = (f"per-run false alarm {target['false_alarm_prob']:g}" if "false_alarm_prob" in target
+            else f"target ARL0 {target['target_arl0']:g}, "
+                 f"{'whole runs' if block_length is None else f'blocks of {block_length}'}")
+    lines = [f"{out}: group {group!r}, reference snapshot {ref}, {what}"]
     for arch, dataset in cells(config):
         cell = f"{arch}-{dataset}"
         phase1, phase2 = run_specs(config, arch, dataset)
@@ -73,9 +82,9 @@ def rescore(out, group=None, reference="config", block_length=None, target_arl0=
         for name, cal_runs, test_runs in splits:
             if len(cal_runs) < 3:
                 continue
-            cal = calibrate_threshold({group: [v for _, v in cal_runs]}, arl0, config.delta,
-                                      transform=config.transform, n_resamples=config.n_resamples,
-                                      seed=0, block_length=block_length, reference_snapshot=ref)
+            cal = calibrate_threshold({group: [v for _, v in cal_runs]}, **target,
+                                      delta=config.delta, transform=config.transform,
+                                      seed=0, reference_snapshot=ref)
             r = cal[group]
             text = (f"  {cell} {name:9s}: h = {r.threshold:6.2f}; LOO false alarms "
                     f"{r.loo_false_alarms}/{r.n_runs}")

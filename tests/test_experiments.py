@@ -41,7 +41,7 @@ def test_every_run_finished_with_its_files(finished):
                             "calibration-eta0.00-seed2", "clean-eta0.00-seed3",
                             "noisy-eta0.60-seed4"]
     for name, d in runs.items():
-        assert sorted(os.listdir(d)) == ["result.json", "traces.csv"]  # checkpoint removed
+        assert sorted(os.listdir(d)) == ["result.json", "traces.csv", "trajectory.json"]  # checkpoint removed
         res = json.loads((d / "result.json").read_text())
         assert res["run_id"] == name and res["n_snapshots"] == SNAPSHOTS
         assert res["steps_per_epoch"] == STEPS_PER_EPOCH and res["segments"] == 1
@@ -181,12 +181,21 @@ def test_config_presets_files_and_plan(tmp_path):
     cfg = preset("cpu-small")
     assert cfg.archs == ["small_cnn"] and cfg.datasets == ["digits"]
     p = plan(cfg, seconds_per_step=0.01, seconds_per_hvp=0.05)
-    assert p["runs"] == 10 + 8 + 3 * 5 and p["cells"][0]["steps_per_run"] == 16 * 44
-    assert p["cells"][0]["snapshots_per_run"] == 16 * 44 // 22 + 1
-    assert p["hours"] == pytest.approx(p["runs"] * (704 * 0.01 + 33 * 10 * 0.05) / 3600)
+    # 1400 digits, 140 held out for validation: 1260 trained on, 40 steps an epoch.
+    assert p["runs"] == 20 + 40 + 3 * 5 and p["cells"][0]["steps_per_run"] == 16 * 40
+    assert p["cells"][0]["snapshots_per_run"] == 16 * 40 // 22 + 1
+    assert p["hours"] == pytest.approx(p["runs"] * (640 * 0.01 + 30 * 10 * 0.05) / 3600)
+    confirm = preset("cpu-confirm")
+    assert confirm.seed_offset == 5000
+    assert {k: v for k, v in confirm.to_dict().items() if k not in ("name", "seed_offset")} == \
+        {k: v for k, v in cfg.to_dict().items() if k not in ("name", "seed_offset")}
     paper = preset("paper")
     pp = plan(paper)
-    assert pp["runs"] == 6 * (10 + 10 + 3 * 10) and pp["cells"][0]["steps_per_epoch"] == 391
+    assert pp["runs"] == 6 * (10 + 10 + 3 * 10) and pp["cells"][0]["steps_per_epoch"] == 352
+    with pytest.raises(ValueError, match="exactly one of false_alarm_prob"):
+        preset("tiny", target_arl0=300.0)
+    old = ExperimentConfig.from_dict({"target_arl0": 300.0})  # a config.json from before
+    assert old.false_alarm_prob is None and old.validate().target_arl0 == 300.0
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"preset": "tiny", "epochs": 3, "noise_rates": [0.4, 0.8]}))
     c = ExperimentConfig.from_file(f)
@@ -228,8 +237,8 @@ def test_reference_snapshot_scores_each_run_against_its_own_snapshot(finished, t
     phase1, _ = run_specs(ref, "small_cnn", "digits")
     raw = np.array([rule_values(ref, read_trajectory(
         copy / "small_cnn-digits" / "runs" / s.run_id / "traces.csv", "total")[1]) for s in phase1])
-    manual = calibrate_threshold(np.log(raw[:, 2:]) - np.log(raw[:, 1:2]), ref.target_arl0,
-                                 ref.delta, n_resamples=ref.n_resamples, seed=0)
+    manual = calibrate_threshold(np.log(raw[:, 2:]) - np.log(raw[:, 1:2]),
+                                 false_alarm_prob=ref.false_alarm_prob, delta=ref.delta, seed=0)
     assert cal["total"].threshold == manual.threshold
     records = detections(ref, copy, "small_cnn", "digits", cal)
     assert len(records) == 2 * 5
@@ -272,3 +281,59 @@ def test_rescore_example_reproduces_the_runners_detections(finished):
     assert f"η 0.6: {int(noisy.alert.sum())}/1" in as_run
     assert any("swapped" in line for line in lines) is False  # one held-out run: no swap
     assert any("all clean" in line and "/4" in line for line in lines)
+
+
+def test_trajectory_holds_the_first_order_view_of_each_run(finished):
+    from keras_hesstrace.experiments.recording import read_trajectory_file
+
+    config, out, _ = finished
+    d = _run_dirs(out)["noisy-eta0.60-seed4"]
+    t = read_trajectory_file(d / "trajectory.json")
+    res = json.loads((d / "result.json").read_text())
+    assert list(t["steps"]) == list(range(0, 17, 4))
+    csv_frame = pd.read_csv(d / "traces.csv")
+    for g in ("head", "total"):
+        rows = csv_frame[csv_frame["group"] == g].sort_values("step")
+        np.testing.assert_array_equal(t["trace"][g], rows["trace"].to_numpy())
+    assert np.all(t["probe_loss"] > 0) and np.all(t["gradient_norm"] > 0)
+    # The layers cover the model: the group norms add up in squares to the whole norm.
+    squares = sum(v ** 2 for v in t["gradient_norms"].values())
+    np.testing.assert_allclose(t["gradient_norm"] ** 2, squares, rtol=1e-6)
+    assert list(t["epoch"]) == [1, 2]
+    # The last epoch's record and the final evaluation see the same model, by other code.
+    assert t["test_accuracy"][-1] == res["test_accuracy"]
+    assert t["memorised_fraction"][-1] == res["memorised_fraction"]
+    assert res["n_validation"] == 26 and res["n_train"] == 230
+    assert np.all(np.isfinite(t["val_loss"])) and np.all((0 <= t["val_accuracy"]) & (t["val_accuracy"] <= 1))
+
+
+def test_baselines_and_comparison_on_the_same_runs(finished):
+    from keras_hesstrace.experiments.baselines import methods
+
+    config, out, _ = finished
+    stops = pd.read_csv(out / "stops.csv")
+    assert sorted(set(stops["run_id"])) == ["clean-eta0.00-seed3", "noisy-eta0.60-seed4"]
+    assert stops.groupby("run_id")["method"].apply(list).map(sorted).tolist() == [
+        sorted(methods(config))] * 2
+    det = pd.read_csv(out / "detections.csv")
+    curv = stops[stops["method"] == "curvature"].set_index("run_id")["alert_epoch"]
+    for _, r in det[det["role"] != "calibration"].iterrows():
+        assert (np.isnan(curv[r.run_id]) and np.isnan(r.alert_epoch)) or curv[r.run_id] == r.alert_epoch
+    assert ((stops["stop_epoch"] >= 1) & (stops["stop_epoch"] <= config.epochs)).all()
+    assert (stops["test_accuracy_at_stop"] <= stops["best_test_accuracy"]).all()
+    comp = pd.read_csv(out / "comparison.csv")
+    assert len(comp) == len(methods(config)) * 2
+    assert "First-order baselines" in (out / "summary.md").read_text()
+
+
+def test_worth_reads_the_epoch_the_stop_falls_in():
+    from keras_hesstrace.experiments.baselines import worth
+
+    traj = {"test_accuracy": np.array([0.5, 0.7, 0.6]),
+            "memorised_fraction": np.array([0.0, 0.1, 0.4])}
+    assert worth(traj, None)["stop_epoch"] == 3
+    assert worth(traj, 0.0)["stop_epoch"] == 1  # an alert at step 0: after epoch 1
+    w = worth(traj, 1.25)
+    assert (w["stop_epoch"], w["test_accuracy_at_stop"], w["memorised_at_stop"]) == (2, 0.7, 0.1)
+    assert worth(traj, 2.0)["stop_epoch"] == 2
+    assert (w["best_test_accuracy"], w["final_test_accuracy"]) == (0.7, 0.6)

@@ -12,7 +12,12 @@ Modules of the memorisation experiment:
     storage     the output folder: layout, atomic writes, checkpoints, the trace CSVs
     training    one run: its data, model, training with the trace callback, resuming
     scoring     the alert rule on the stored trajectories: calibration, detections
-    report      summary.csv / summary.md / detections.csv and the plots
+    recording   what a run records beside its traces (probe loss, gradient norms,
+                per-epoch losses and accuracies, memorisation): trajectory.json
+    baselines   first-order baselines calibrated like the curvature rule; what a stop is worth
+    early_stop  Keras EarlyStopping replayed on a logged curve
+    comparison  the side-by-side table of the curvature rule and the baselines
+    report      summary.csv / summary.md / detections.csv / comparison.csv and the plots
     runner      run_experiment: the protocol, run by run, resumable
 """
 

@@ -28,7 +28,8 @@ def demo_config(epochs=10, clean_runs=4, noise_rate=0.4, every_n_steps=22, num_p
         batch_size=32, learning_rate=0.05, momentum=0.9, weight_decay=5e-4,
         schedule="constant", every_n_steps=every_n_steps, num_probes=num_probes,
         probe_batch_size=probe_batch_size, monitor=["head"], transform="log",
-        log_floor=0.05, target_arl0=target_arl0, train_examples=train_examples,
+        log_floor=0.05, false_alarm_prob=None, target_arl0=target_arl0,
+        train_examples=train_examples,
         tensorboard=True, n_resamples=2000,
     ).validate()
 

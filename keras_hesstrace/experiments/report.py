@@ -21,7 +21,7 @@ from keras_hesstrace.monitor.csv_log import atomic_write_text
 SUMMARY_COLUMNS = [
     "arch", "dataset", "group", "noise_rate", "n_runs", "n_alerts", "alert_rate",
     "alert_rate_low", "alert_rate_high", "det_epoch_mean", "det_epoch_sd", "det_epoch_median",
-    "h", "target_arl0", "expected_false_alarm", "hedges_g", "hedges_g_low", "hedges_g_high",
+    "h", "target_false_alarm", "target_arl0", "expected_false_alarm", "hedges_g", "hedges_g_low", "hedges_g_high",
     "test_acc_mean", "test_acc_sd", "train_acc_mean", "memorised_mean", "runs_source",
 ]
 DETECTION_COLUMNS = [
@@ -68,8 +68,11 @@ def _summary_rows(config, cal, records):
                 "alert_rate": s.alert_rate, "alert_rate_low": s.alert_rate_low,
                 "alert_rate_high": s.alert_rate_high, "det_epoch_mean": s.mean,
                 "det_epoch_sd": s.sd, "det_epoch_median": s.median, "h": gc.threshold,
-                "target_arl0": cal.target_arl0,
-                "expected_false_alarm": gc.expected_false_alarm_prob(group_runs[0]["n_snapshots"]),
+                "target_false_alarm": _or_nan(cal.false_alarm_prob),
+                "target_arl0": _or_nan(cal.target_arl0),
+                "expected_false_alarm": (gc.false_alarm_prob if cal.target == "false_alarm_prob"
+                                         else gc.expected_false_alarm_prob(
+                                             group_runs[0]["n_snapshots"])),
                 "hedges_g": d, "hedges_g_low": lo_d, "hedges_g_high": hi_d,
                 "test_acc_mean": float(acc.mean()),
                 "test_acc_sd": float(acc.std(ddof=1)) if acc.size > 1 else float("nan"),
@@ -79,6 +82,10 @@ def _summary_rows(config, cal, records):
                 "runs_source": source,
             })
     return rows
+
+
+def _or_nan(v):
+    return float("nan") if v is None else float(v)
 
 
 def _fmt(v, spec):
@@ -119,24 +126,31 @@ def summary_markdown(frame, calibrations, config):
         "",
         "## Calibration",
         "",
-        "| cell | group | h | target ARL0 | achieved ARL0 | expected false-alarm prob. per run "
-        "(geometric; resampled) | LOO false alarms | lag-1 r (p) | runs | resampling |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| cell | group | h | target | achieved | h range giving it | LOO false alarms "
+        "[Wilson] | lag-1 r (p) | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for cell, cal in calibrations.items():
         for g in cal.groups:
-            r = cal[g]
-            resampled = ("" if r.resampled_false_alarm_prob is None
-                         else f"; {r.resampled_false_alarm_prob:.3f}")
-            how = ("whole runs" if cal.block_length is None else
-                   "i.i.d. z" if cal.block_length == 1 else f"blocks of {cal.block_length}")
-            lines.append(
-                f"| {cell} | {g} | {r.threshold:.3f} | {cal.target_arl0:g} | {r.arl0:.0f} | "
-                f"{r.false_alarm_prob:.3f}{resampled} (T = {r.horizon}) | "
-                f"{r.loo_false_alarms}/{r.n_runs} "
-                f"[{r.loo_false_alarm_ci[0]:.2f}, {r.loo_false_alarm_ci[1]:.2f}] | "
-                f"{r.lag1_r:.2f} ({r.lag1_pvalue:.2g}) | {r.n_runs} | {how} |")
+            lines.append(_calibration_row(cell, cal, cal[g]))
     return "\n".join(lines) + "\n"
+
+
+def _calibration_row(cell, cal, r):
+    """One markdown row of the calibration table, per-run or ARL0 calibration."""
+    if cal.target == "false_alarm_prob":
+        lo, hi = r.false_alarm_prob_interval
+        target = f"per-run false alarm {cal.false_alarm_prob:g} (T = {r.horizon})"
+        achieved = f"{r.achieved_false_alarm_prob:.3f} [{lo:.3f}, {hi:.3f}] over calibration sets"
+    else:
+        target = f"ARL0 {cal.target_arl0:g}"
+        achieved = f"ARL0 {r.arl0:.0f}; per run {r.false_alarm_prob:.3f} (T = {r.horizon})"
+    span = ("–" if r.threshold_range is None else
+            f"[{r.threshold_range[0]:.3f}, {_fmt(r.threshold_range[1], '.3f')})")
+    return (f"| {cell} | {r.group} | {r.threshold:.3f} | {target} | {achieved} | {span} | "
+            f"{r.loo_false_alarms}/{r.n_runs} [{r.loo_false_alarm_ci[0]:.2f}, "
+            f"{r.loo_false_alarm_ci[1]:.2f}] | {r.lag1_r:.2f} ({r.lag1_pvalue:.2g}) | "
+            f"{r.n_runs} |")
 
 
 def summarize(config, out, progress=True):
@@ -148,8 +162,11 @@ def summarize(config, out, progress=True):
 
     from keras_hesstrace.monitor import Calibration
 
+    from keras_hesstrace.experiments.baselines import method_records
+    from keras_hesstrace.experiments.comparison import comparison_frame, comparison_markdown
+
     out = os.fspath(out)
-    all_rows, all_records, calibrations = [], [], {}
+    all_rows, all_records, calibrations, stops = [], [], {}, []
     for arch, dataset in cells(config):
         cal_path = os.path.join(out, f"{arch}-{dataset}", "calibration.json")
         if not os.path.exists(cal_path):
@@ -159,6 +176,7 @@ def summarize(config, out, progress=True):
         records = detections(config, out, arch, dataset, cal)
         all_records += records
         all_rows += _summary_rows(config, cal, records)
+        stops += method_records(config, out, arch, dataset, records)[0]
         plot_cell(config, out, arch, dataset, cal, records)
     frame = pd.DataFrame(all_rows, columns=SUMMARY_COLUMNS)
     det = pd.DataFrame([{k: r[k] for k in DETECTION_COLUMNS} for r in all_records],
@@ -170,11 +188,18 @@ def summarize(config, out, progress=True):
     frame.to_csv(buf, index=False)
     atomic_write_text(os.path.join(out, "summary.csv"), buf.getvalue())
     md = summary_markdown(frame, calibrations, config)
+    if stops:
+        compared = comparison_frame(config, stops, confidence=0.95)
+        for name, table in (("comparison.csv", compared), ("stops.csv", pd.DataFrame(stops))):
+            buf = io.StringIO()
+            table.to_csv(buf, index=False)
+            atomic_write_text(os.path.join(out, name), buf.getvalue())
+        md += "\n## First-order baselines on the same runs\n\n" + comparison_markdown(config, compared)
     atomic_write_text(os.path.join(out, "summary.md"), md)
     if progress:
         log("\n" + md)
-        log(f"wrote {os.path.join(out, 'summary.md')}, summary.csv, detections.csv and "
-             f"plots/ in {out}")
+        log(f"wrote {os.path.join(out, 'summary.md')}, summary.csv, detections.csv, "
+             f"comparison.csv, stops.csv and plots/ in {out}")
     return frame
 
 

@@ -107,9 +107,12 @@ def run_experiment(config, out, *, callbacks_for=None, progress=True, summary=Tr
         if progress:
             for g in config.monitor:
                 r = cal[g]
+                target = (f"a per-run false-alarm probability {config.false_alarm_prob:g}"
+                          if config.false_alarm_prob is not None else
+                          f"ARL0 = {config.target_arl0:g} snapshots")
                 log(f"calibrated {arch}-{dataset} group {g!r}: h = {r.threshold:.3f} for "
-                     f"ARL0 = {config.target_arl0:g} snapshots (expected false-alarm "
-                     f"probability per run {r.false_alarm_prob:.3f}; LOO false alarms "
+                     f"{target} (expected false-alarm probability per run "
+                     f"{r.false_alarm_prob:.3f}; LOO false alarms "
                      f"{r.loo_false_alarms}/{r.n_runs}; lag-1 r = {r.lag1_r:.2f})")
         for spec in p2:
             do(spec)

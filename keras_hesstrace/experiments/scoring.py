@@ -64,6 +64,13 @@ def scale_name(config):
     return what
 
 
+def target_of(config):
+    """The calibration target keywords of ``calibrate_threshold`` for the config."""
+    if config.false_alarm_prob is not None:
+        return {"false_alarm_prob": config.false_alarm_prob}
+    return {"target_arl0": config.target_arl0, "n_resamples": config.n_resamples}
+
+
 def calibrate_cell(config, out, arch, dataset):
     """Calibrate h for the cell from its finished Phase I runs; save and return it."""
     from keras_hesstrace.monitor import calibrate_threshold
@@ -74,10 +81,9 @@ def calibrate_cell(config, out, arch, dataset):
         csv_path = os.path.join(run_folder(out, spec), "traces.csv")
         for g in config.monitor:
             trajectories[g].append(rule_values(config, read_trajectory(csv_path, g)[1]))
-    cal = calibrate_threshold(trajectories, config.target_arl0, config.delta,
+    cal = calibrate_threshold(trajectories, **target_of(config), delta=config.delta,
                               transform=config.transform, every_n_steps=config.every_n_steps,
-                              n_resamples=config.n_resamples, seed=0,
-                              reference_snapshot=config.reference_snapshot)
+                              seed=0, reference_snapshot=config.reference_snapshot)
     path = os.path.join(out, f"{arch}-{dataset}", "calibration.json")
     atomic_write_json(path, cal.to_dict())
     return cal

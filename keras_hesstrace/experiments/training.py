@@ -19,7 +19,13 @@ import time
 
 import numpy as np
 
-from keras_hesstrace.experiments.config import steps_per_epoch
+from keras_hesstrace.experiments.config import steps_per_epoch, validation_size
+from keras_hesstrace.experiments.recording import (
+    epoch_record,
+    predict_classes,
+    snapshot_record,
+    write_trajectory,
+)
 from keras_hesstrace.experiments.storage import (
     atomic_write_json,
     count_snapshots,
@@ -55,17 +61,25 @@ def _clean_data(config, dataset):
 
 
 class _RunData:
-    """A run's training arrays with its noisy labels, its fixed probe batch, its test set."""
+    """A run's training arrays with its noisy labels, its fixed probe batch, its
+    validation split (noisy labels, held out of training) and its clean test set."""
 
     def __init__(self, config, spec):
         from keras_hesstrace.data import symmetric_label_noise
 
         train, test, index = _clean_data(config, spec.dataset)
         self.loaded = train
-        self.images = train.images[index]
-        self.clean_labels = train.clean_labels[index]
-        self.labels, self.corrupted = symmetric_label_noise(
-            self.clean_labels, spec.noise_rate, train.num_classes, spec.seed)
+        labels, corrupted = symmetric_label_noise(
+            train.clean_labels[index], spec.noise_rate, train.num_classes, spec.seed)
+        # The validation split: the same examples in every run (labels noised as above).
+        n_val = validation_size(config, len(index))
+        held = np.zeros(len(index), dtype=bool)
+        held[np.random.default_rng(1).choice(len(index), size=n_val, replace=False)] = True
+        self.val_x = train.normalize(train.images[index[held]])
+        self.val_y = labels[held]
+        self.images = train.images[index[~held]]
+        self.clean_labels = train.clean_labels[index[~held]]
+        self.labels, self.corrupted = labels[~held], corrupted[~held]
         self.num_classes = train.num_classes
         self.test = test
         self.n = len(self.labels)
@@ -76,6 +90,7 @@ class _RunData:
         self.probe_x = train.normalize(self.images[pick])
         self.probe_y = self.labels[pick]
         self.probe_corrupted = int(self.corrupted[pick].sum())
+        self._test = None
 
     def epoch_dataset(self, config, seed, epoch):
         """The epoch's batches: order (and augmentation) a function of (seed, epoch) only."""
@@ -106,6 +121,15 @@ class _RunData:
 
     def train_x(self):
         return self.loaded.normalize(self.images)
+
+    def normalized(self, images):
+        return self.loaded.normalize(images)
+
+    def test_arrays(self):
+        """The clean test set (x normalised, labels), computed once per run."""
+        if self._test is None:
+            self._test = self.test.arrays()
+        return self._test
 
 
 def _build_model(config, spec, data):
@@ -146,7 +170,9 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
     Args:
         config: ``ExperimentConfig``.
         spec: ``RunSpec``.
-        run_dir: the run's folder (``traces.csv``, ``checkpoint.npz``, ``result.json``).
+        run_dir: the run's folder (``traces.csv``, ``checkpoint.npz``, ``trajectory.json``
+            with the first-order records of :mod:`~keras_hesstrace.experiments.recording`,
+            ``result.json``).
         detector: passed to ``HessianTraceCallback`` (online alerts). A run with a
             detector is restarted from scratch rather than from a checkpoint (the online
             detector state is not checkpointed).
@@ -178,11 +204,13 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
     model = _build_model(config, spec, data)
 
     start_epoch, elapsed_before, segments = 0, 0.0, 1
+    epochs, snapshots = [], []  # first-order records, checkpointed with the weights
     if resume and detector is None and os.path.exists(ckpt_path):
         meta = load_checkpoint(ckpt_path, model)
         start_epoch = int(meta["epochs_done"])
         elapsed_before = float(meta["elapsed"])
         segments = int(meta["segments"]) + 1
+        epochs, snapshots = list(meta["epoch_records"]), list(meta["snapshot_records"])
         kept = truncate_csv(csv_path, int(meta["last_step"]))
         if progress:
             log(f"{prefix}resuming from the checkpoint after epoch {start_epoch} "
@@ -206,10 +234,14 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
     class _EpochEnd(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             step = int(self.model.optimizer.iterations.numpy())
+            last = snapshots[-1]["step"] if snapshots else -1
+            snapshots.extend(snapshot_record(e) for e in trace_cb.history if e["step"] > last)
+            epochs.append(epoch_record(self.model, data, epoch, logs))
             elapsed = elapsed_before + time.perf_counter() - t0
             save_checkpoint(ckpt_path, self.model, {
                 "epochs_done": epoch + 1, "last_step": step, "elapsed": elapsed,
-                "segments": segments, "run_id": spec.run_id})
+                "segments": segments, "run_id": spec.run_id,
+                "epoch_records": epochs, "snapshot_records": snapshots})
             if progress:
                 last = trace_cb.history[-1]["result"] if trace_cb.history else None
                 tr = ""
@@ -223,14 +255,16 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
                      f"{logs.get('accuracy', float('nan')):.3f}{tr} ({elapsed:.0f} s)")
 
     end_cb = _EpochEnd()
+    validation = (data.val_x, data.val_y) if len(data.val_y) else None
     for epoch in range(start_epoch, config.epochs):
         model.fit(data.epoch_dataset(config, spec.seed, epoch), initial_epoch=epoch,
-                  epochs=epoch + 1, verbose=0, shuffle=False, callbacks=[trace_cb, end_cb, *callbacks])
+                  epochs=epoch + 1, verbose=0, shuffle=False, validation_data=validation,
+                  validation_batch_size=512, callbacks=[trace_cb, end_cb, *callbacks])
 
     # Final evaluation: clean test accuracy, fit to the labels trained on, memorisation.
-    test_x, test_y = data.test.arrays()
-    test_pred = _predict(model, test_x)
-    train_pred = _predict(model, data.train_x())
+    test_x, test_y = data.test_arrays()
+    test_pred = predict_classes(model, test_x)
+    train_pred = predict_classes(model, data.train_x())
     corrupted = data.corrupted
     n_snap_expected = (spe * config.epochs) // config.every_n_steps + 1
     n_rows = count_snapshots(csv_path)
@@ -242,7 +276,8 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
         "role": spec.role, "noise_rate": spec.noise_rate, "seed": spec.seed,
         "epochs": config.epochs, "steps_per_epoch": spe, "every_n_steps": config.every_n_steps,
         "num_probes": config.num_probes, "n_snapshots": n_rows,
-        "n_train": int(data.n), "n_corrupted": int(corrupted.sum()),
+        "n_train": int(data.n), "n_validation": int(len(data.val_y)),
+        "n_corrupted": int(corrupted.sum()),
         "probe_batch_corrupted": data.probe_corrupted,
         "test_accuracy": float(np.mean(test_pred == test_y)),
         "train_accuracy": float(np.mean(train_pred == data.labels)),
@@ -250,15 +285,12 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
         "memorised_fraction": (float(np.mean(train_pred[corrupted] == data.labels[corrupted]))
                                if corrupted.any() else float("nan")),
         "wall_time_s": elapsed, "segments": segments, "trace_csv": "traces.csv",
+        "trajectory": "trajectory.json",
     }
+    write_trajectory(os.path.join(run_dir, "trajectory.json"), result, csv_path,
+                     snapshots, epochs)
     atomic_write_json(result_path, result)  # the run is done from here on
     if os.path.exists(ckpt_path):
         os.remove(ckpt_path)
     return result
 
-
-def _predict(model, x, batch_size=512):
-    """Predicted classes (inference mode), without Keras's per-model predict function."""
-    out = [np.argmax(np.asarray(model(x[i:i + batch_size], training=False)), axis=1)
-           for i in range(0, len(x), batch_size)]
-    return np.concatenate(out)
