@@ -32,7 +32,7 @@ class EffectSize(NamedTuple):
             the effect that g estimates, in the same units as g and d).
         n_a, n_b: sample sizes.
         d: Cohen's d, (mean(a) - mean(b)) / pooled SD, uncorrected (biased away from 0
-            by the factor 1/J: 1.04 at 5 + 18 runs, 1.12 at 5 + 5).
+            by the factor 1/J: 1.04 at 5 + 18 runs, 1.11 at 5 + 5).
     """
 
     g: float

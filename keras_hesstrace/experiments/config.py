@@ -68,8 +68,8 @@ class ExperimentConfig:
             length, in snapshots, h is calibrated to (open-ended monitoring; older
             configs). Exactly one of the two is set.
         delta: Page-Hinkley allowance.
-        effect_window: [first, last] epoch (fractional, inclusive) averaged for Cohen's
-            d; None: the second half of training.
+        effect_window: [first, last] epoch (fractional, inclusive) averaged for Hedges'
+            g; None: the second half of training.
         train_examples: use only this many training examples (None: all); for tests.
         data_dir: tensorflow-datasets directory holding prepared CIFAR.
         tensorboard: also write each run's traces as TensorBoard scalars.
@@ -257,7 +257,8 @@ PRESETS = {
 
 
 def preset(name, **overrides):
-    """The named preset (``cpu-small``, ``paper``, ``tiny``) with fields overridden."""
+    """The named preset (``cpu-small``, ``cpu-confirm``, ``paper``, ``tiny``) with fields
+    overridden."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}.")
     d = dict(PRESETS[name])

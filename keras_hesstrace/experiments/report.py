@@ -3,8 +3,10 @@
 :func:`summarize` scores every finished run (:mod:`keras_hesstrace.experiments.scoring`)
 and writes: ``summary.csv`` / ``summary.md`` (Table 1 of the paper: detection epoch mean
 +- sd, alert rate with its Wilson interval, h, Hedges' g with its noncentral t interval,
-clean test accuracy, then each cell's calibration diagnostics), ``detections.csv`` (one row
-per run and group) and two PNG plots per cell and monitored group (:func:`plot_cell`).
+clean test accuracy, then each cell's calibration diagnostics and the first-order
+baselines' side-by-side table), ``detections.csv`` (one row per run and group),
+``comparison.csv`` and ``stops.csv`` (:mod:`keras_hesstrace.experiments.comparison`) and
+two PNG plots per cell and monitored group (:func:`plot_cell`).
 """
 
 import io
@@ -154,7 +156,8 @@ def _calibration_row(cell, cal, r):
 
 
 def summarize(config, out, progress=True):
-    """Write detections.csv, summary.csv, summary.md and the plots from finished runs.
+    """Write detections.csv, summary.csv, summary.md, comparison.csv, stops.csv and the
+    plots from finished runs.
 
     Only runs with ``result.json`` are read. Returns the summary DataFrame.
     """

@@ -6,17 +6,25 @@ For every cell (architecture x dataset) of the config:
   ``every_n_steps`` optimiser steps with :class:`HessianTraceCallback` on a fixed batch of
   ``probe_batch_size`` training examples (their labels as trained on); the monitored
   groups' trajectories give the baseline and the calibrated threshold h
-  (:func:`calibrate_threshold`: leave-one-out z, whole runs resampled so that their
-  autocorrelation is kept; with ``reference_snapshot`` each run is scored by its change
-  since its own snapshot r), saved to ``<cell>/calibration.json``.
+  (:func:`calibrate_threshold` on leave-one-out z: for the per-run false-alarm
+  probability ``false_alarm_prob`` by the conformal rule, or for ``target_arl0`` by
+  resampling whole runs so that their autocorrelation is kept; with
+  ``reference_snapshot`` each run is scored by its change since its own snapshot r),
+  saved to ``<cell>/calibration.json``.
 * Phase II: ``noisy_runs`` runs at every rate in ``noise_rates`` and
   ``heldout_clean_runs`` clean runs that were not used for calibration (the false-alarm
   estimate). Each trajectory is run through the calibrated Page-Hinkley rule (the same
   recursion the callback runs online; done here from the CSV so that a resumed run and
-  an uninterrupted one are scored identically).
+  an uninterrupted one are scored identically). Every run also writes its
+  ``trajectory.json`` (:mod:`~keras_hesstrace.experiments.recording`), from which the
+  first-order baselines are scored on the same runs
+  (:mod:`~keras_hesstrace.experiments.baselines`).
 * Summary: ``summary.csv`` / ``summary.md`` (Table 1 of the paper: detection epoch mean
-  +- sd, alert rate with its Wilson interval, h, Cohen's d with a bootstrap interval,
-  clean test accuracy), ``detections.csv`` (one row per run and group) and PNG plots.
+  +- sd, alert rate with its Wilson interval, h, Hedges' g with its noncentral t interval,
+  clean test accuracy; ``summary.md`` adds the calibration table and the baselines'
+  side-by-side table), ``detections.csv`` (one row per run and group),
+  ``comparison.csv`` (one row per method and rate), ``stops.csv`` (one row per run and
+  method) and PNG plots.
 
 Files: the layout of ``out`` is in :mod:`keras_hesstrace.experiments.storage`; one run is
 trained by :mod:`~keras_hesstrace.experiments.training`, scored by

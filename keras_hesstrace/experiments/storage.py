@@ -4,10 +4,11 @@ Layout of ``out``::
 
     config.json                         the resolved config (a rerun must match it)
     <arch>-<dataset>/runs/<run_id>/traces.csv     the callback's trajectory CSV
+    <arch>-<dataset>/runs/<run_id>/trajectory.json  traces and first-order records
     <arch>-<dataset>/runs/<run_id>/result.json    written last, by atomic rename: "done"
     <arch>-<dataset>/runs/<run_id>/checkpoint.npz  weights + optimiser state, each epoch
     <arch>-<dataset>/calibration.json
-    summary.csv, summary.md, detections.csv, plots/*.png
+    summary.csv, summary.md, detections.csv, comparison.csv, stops.csv, plots/*.png
 
 Every file is written to a temporary name and renamed into place, so a killed process
 never leaves a half-written one; a CSV the callback appends to is cut back to a
