@@ -208,7 +208,7 @@ def build_parser():
         help="the memorisation experiment (Phase I calibration, Phase II noisy and held-out "
              "clean runs, Table-1 summary); resumable",
         description="Run or resume the memorisation experiment. Settings come from "
-                    "--preset (cpu-small, paper, tiny), then --config FILE.json (fields of "
+                    "--preset (cpu-small, cpu-confirm, paper, tiny), then --config FILE.json (fields of "
                     "ExperimentConfig, optionally with \"preset\"), then the flags below. "
                     "Lists are comma-separated.")
     exp.add_argument("--preset", choices=sorted(mem.PRESETS), default=None,
