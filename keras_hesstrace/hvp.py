@@ -20,6 +20,10 @@ Two ways to differentiate twice, which give the same vector where both are right
     of a non-unrolled RNN, and is silently wrong through grouped convolutions). The
     choice and the check are recorded on the operator (``op.mode``, ``op.mode_check``)
     and on the results.
+
+The two bodies themselves are in ``keras_hesstrace.hvp_bodies``; this module compiles
+them (``HessianOperator``), caches the operators on the model (``hessian_operator``)
+and offers the one-call product (``hvp``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace.distribute import effective_strategy, shard_batch
 from keras_hesstrace.groups import check_model
+from keras_hesstrace.hvp_bodies import hvp_body, hvp_body_many
 from keras_hesstrace.losses import loss_key, make_objective
 from keras_hesstrace.mode_check import ModeCheck, check_modes, forward_fallback, forward_unsafe_layers
 from keras_hesstrace.probes import draw_probe
@@ -44,7 +49,6 @@ MODES = ("auto", "forward", "reverse")
 # times a probe at 2.73x a gradient forward, 2.74x reverse; benchmarks/hvp_cost.py
 # measures its peak memory at 1.31x a gradient's forward, 2.39x reverse.
 DEFAULT_MODE = "auto"
-_ZERO = tf.UnconnectedGradients.ZERO
 
 
 # ------------------------------------------------------------------------ operator
@@ -54,55 +58,6 @@ def check_mode(mode: str) -> None:
     """Raise ValueError unless ``mode`` is one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, not {mode!r}.")
-
-
-
-def hvp_body(objective, variables, x, y, vector, mode):
-    """(loss, grads, Hv) for one vector; runs inside a tf.function.
-
-    Args:
-        objective: ``(x, y) -> scalar``.
-        variables: list of Keras variables (the block the Hessian is taken over).
-        vector: list of tensors shaped like ``variables``.
-        mode: "reverse" or "forward".
-    """
-    loss, grads, hvs = hvp_body_many(objective, variables, x, y, [vector], mode)
-    return loss, grads, hvs[0]
-
-
-def hvp_body_many(objective, variables, x, y, vectors, mode):
-    """(loss, grads, [Hv_1, ..., Hv_P]) for P vectors; runs inside a tf.function.
-
-    In reverse mode the forward pass and the first backward pass are recorded once and
-    shared by the P second backward passes (a persistent outer tape); in forward mode
-    each vector needs its own forward-over-reverse pass.
-    """
-    if mode == "reverse":
-        with tf.GradientTape(persistent=len(vectors) > 1) as outer:
-            with tf.GradientTape() as inner:
-                loss = objective(x, y)
-            grads = _dense(inner.gradient(loss, variables, unconnected_gradients=_ZERO))
-            gvs = [tf.add_n([tf.reduce_sum(g * v) for g, v in zip(grads, vec)]) for vec in vectors]
-        hvs = [_dense(outer.gradient(gv, variables, unconnected_gradients=_ZERO)) for gv in gvs]
-        return loss, grads, hvs
-    if mode != "forward":
-        raise ValueError(f"hvp_body_many needs a resolved mode ('forward' or 'reverse'), not {mode!r}.")
-    # Keras 3 variables are not accepted as primals: pass the tf.Variables.
-    primals = [getattr(var, "value", var) for var in variables]
-    hvs = []
-    for vec in vectors:
-        with tf.autodiff.ForwardAccumulator(primals, list(vec)) as acc:
-            with tf.GradientTape() as tape:
-                loss = objective(x, y)
-            # Densified inside the accumulator: it cannot follow an IndexedSlices (Embedding).
-            grads = _dense(tape.gradient(loss, variables, unconnected_gradients=_ZERO))
-        hvs.append(_dense(acc.jvp(grads, unconnected_gradients=_ZERO)))
-    return loss, grads, hvs
-
-
-def _dense(tensors):
-    """Gradients as dense tensors (an Embedding's gradient is a tf.IndexedSlices)."""
-    return [tf.convert_to_tensor(t) for t in tensors]
 
 
 class HessianOperator:

@@ -10,7 +10,8 @@ import keras
 import keras_hesstrace as kh
 import models_for_tests as mt
 from keras_hesstrace import _second_order
-from keras_hesstrace.hvp import DEFAULT_MODE, MODES, hessian_operator, hvp_body
+from keras_hesstrace.hvp import DEFAULT_MODE, MODES, hessian_operator
+from keras_hesstrace.hvp_bodies import hvp_body
 from keras_hesstrace.losses import make_objective
 from reference import xent64
 
