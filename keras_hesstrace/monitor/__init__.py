@@ -9,8 +9,9 @@ Modules: baseline (Baseline, the transform, the reference snapshot), page_hinkle
 rule), calibration (calibrate_threshold: h for a per-run false-alarm probability or an
 in-control ARL), conformal (the per-run rule), resampling (leave-one-out z, block
 bootstrap, ARL0), calibration_result (Calibration, GroupCalibration and the calibration
-file), callback (HessianTraceCallback) with csv_log, tensorboard_log, snapshot_data and
-precision.
+file), callback (HessianTraceCallback) with callback_setup (its groups and detectors),
+snapshot_scoring (a snapshot's CSV rows and alerts), csv_log, tensorboard_log,
+snapshot_data and precision.
 """
 
 from keras_hesstrace.monitor.baseline import Baseline

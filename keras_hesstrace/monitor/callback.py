@@ -35,7 +35,6 @@ snapshot k uses the same batch as in an uninterrupted run.
 """
 
 import logging
-import math
 import os
 import time
 import warnings
@@ -43,24 +42,22 @@ import warnings
 import keras
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.groups import layer_groups, select_groups, split_grouping
+from keras_hesstrace.groups import split_grouping
 from keras_hesstrace.hvp import DEFAULT_MODE, check_mode
 from keras_hesstrace.losses import check_mean_reduction, resolve_loss
-from keras_hesstrace.monitor.calibration import Calibration
-from keras_hesstrace.monitor.csv_log import (
-    TOTAL,
-    SnapshotCsv,
-    check_csv_path,
-    csv_columns,
-    replay_detectors,
+from keras_hesstrace.monitor.callback_setup import (
+    check_detector,
+    check_overrun,
+    resolve_detectors,
+    resolve_groups,
 )
-from keras_hesstrace.monitor.page_hinkley import PageHinkley
+from keras_hesstrace.monitor.csv_log import SnapshotCsv, check_csv_path, csv_columns, replay_detectors
 from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
+from keras_hesstrace.monitor.snapshot_scoring import group_values, score_snapshot
 from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, check_tensorboard
 from keras_hesstrace.trace import layer_traces
 
-_NAN = float("nan")
 _logger = logging.getLogger("keras_hesstrace")
 
 
@@ -155,9 +152,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         csv_path = None if csv_path is None else check_csv_path(csv_path)
         if log_dir is not None:
             check_tensorboard()
-        if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
-            raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
-                            "group -> PageHinkley.")
+        check_detector(detector)
         if on_alert is not None and not callable(on_alert):
             raise TypeError("on_alert must be callable.")
         self.data = data
@@ -220,36 +215,6 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ setup
 
-    def _resolve_groups(self):
-        mapping = layer_groups(self.model, by=self.by)
-        if TOTAL in mapping:
-            raise ValueError(
-                f"A group is named {TOTAL!r}, the name the callback gives the total trace; "
-                "rename the layer or use a grouping that avoids the name."
-            )
-        return list(select_groups(mapping, self.groups, self.by))
-
-    def _resolve_detectors(self, names):
-        det = self.detector
-        recordable = names + [TOTAL]
-        if det is None:
-            return {}
-        if isinstance(det, Calibration):
-            det.check_compatible(recordable, self.every_n_steps)
-            return det.detectors()
-        if isinstance(det, PageHinkley):
-            if len(names) != 1:
-                raise ValueError(
-                    f"A single PageHinkley needs exactly one recorded group, got {names}; "
-                    "pass groups=[...] or a dict group -> PageHinkley."
-                )
-            return {names[0]: det}
-        unknown = [g for g in det if g not in recordable]
-        if unknown:
-            raise ValueError(f"detector groups {unknown} are not recorded; recorded: "
-                             f"{recordable}.")
-        return dict(det)
-
     def _start_fresh_if_new_run(self, step):
         """Clear the record when this fit is not a continuation of the recorded one."""
         if self._recorded_model is self.model and step >= self._last_recorded:
@@ -272,38 +237,15 @@ class HessianTraceCallback(keras.callbacks.Callback):
             self._skip_batches = len({r["step"] for r in rows})
         return max((int(r["step"]) for r in rows), default=-1)
 
-    def _check_overrun(self, epoch):
-        """Raise before the first step when the fit will outrun a detector's baseline."""
-        steps, epochs = self.params.get("steps"), self.params.get("epochs")
-        if not steps or not epochs:
-            return
-        last = self._step + (int(epochs) - int(epoch)) * int(steps)
-        n = self.every_n_steps
-        future = last // n - self._step // n
-        if self._step % n == 0 and self._step > self._last_recorded:
-            future += 1
-        for g, det in self.detectors.items():
-            if det.baseline is None or det.overrun != "error":
-                continue
-            final = det.n_updates + future - 1
-            if final >= len(det.baseline):
-                raise ValueError(
-                    f"This fit runs to step {last}, snapshot {final} of group {g!r}, past "
-                    f"its detector's baseline (snapshots 0..{len(det.baseline) - 1}, every "
-                    f"{n} steps, up to step {(len(det.baseline) - 1) * n}). Calibrate on "
-                    "longer clean runs, fit fewer epochs, or build the detector with "
-                    "overrun='hold' (e.g. Calibration.detectors(overrun='hold'))."
-                )
-
     # ------------------------------------------------------------------ hooks
 
     def on_train_begin(self, logs=None):
         self.close()  # whatever a fit that raised left open
-        names = self._resolve_groups()
+        names = resolve_groups(self.model, self.by, self.groups)
         if self._trace_options["max_batch_size"] is not None:
             check_mean_reduction(resolve_loss(self.model, self.loss), "max_batch_size")
         if self.detectors is None:
-            self.detectors = self._resolve_detectors(names)
+            self.detectors = resolve_detectors(self.detector, names, self.every_n_steps)
         self._names = names
         self._mixed_layers = mixed_precision_layers(self.model)
         # One read of the step counter per fit; afterwards the step is counted in Python.
@@ -323,7 +265,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._epoch_start_step = self._step
         if self._first_epoch:
             self._first_epoch = False
-            self._check_overrun(epoch)
+            check_overrun(self.detectors, self.params, epoch, self._step, self._last_recorded,
+                          self.every_n_steps)
             if self._step % self.every_n_steps == 0:
                 self._snapshot(self._step)
 
@@ -351,8 +294,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
         probe_seed = snapshot_seed(self.seed, step)
         result = self._traces(*self._batches.next(), probe_seed)
         wall = time.time()
-        values = self._values(result)
-        rows, alerts, bad = self._score(step, values, probe_seed, wall)
+        values = group_values(result, self._names)
+        rows, alerts, bad = score_snapshot(self.detectors, step, self._epoch, values,
+                                           self.num_probes, probe_seed, wall)
         self.history.append({"step": step, "epoch": self._epoch, "result": result})
         self._last_recorded = step
         self._record(step, rows, values)
@@ -374,39 +318,6 @@ class HessianTraceCallback(keras.callbacks.Callback):
                 return layer_traces(self.model, x, y, num_probes=self.num_probes,
                                     by=self.by, seed=probe_seed, loss=self.loss,
                                     verbose=0, **self._trace_options)
-
-    def _values(self, result):
-        """dict group -> (trace, stderr) of the recorded groups and ``"total"``."""
-        values = {g: (float(result.trace[result.groups.index(g)]),
-                      float(result.stderr[result.groups.index(g)])) for g in self._names}
-        values[TOTAL] = (result.total, result.total_stderr)
-        return values
-
-    def _score(self, step, values, probe_seed, wall):
-        """The CSV rows of one snapshot, its first alerts and its unusable groups;
-        feeds the detectors."""
-        rows, alerts, bad = [], [], []
-        for g, (value, err) in values.items():
-            status = "ok" if math.isfinite(value) else "nonfinite"
-            if status != "ok":
-                value, err = _NAN, _NAN
-                bad.append(g)
-            row = [step, self._epoch, g, value, err, self.num_probes, probe_seed, wall]
-            extra = []
-            if self.detectors:
-                det = self.detectors.get(g)
-                if det is None:
-                    extra = ["", "", "", ""]
-                else:
-                    if status == "ok" and not det.usable(value):
-                        status = "unreferenced" if det.reference_missing else "nonpositive"
-                        bad.append(g)
-                    r = det.update(value, step=step) if status == "ok" else det.skip(value, step=step)
-                    extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
-                    if r.first_alert:
-                        alerts.append((g, r))
-            rows.append(row + [status] + extra)
-        return rows, alerts, bad
 
     def _record(self, step, rows, values):
         if self._csv is not None:

@@ -1,0 +1,94 @@
+"""What ``HessianTraceCallback`` records and scores, resolved at the start of a fit.
+
+The recorded groups (``resolve_groups``: the model's grouping, less ``"total"``, which is
+the callback's name for the total trace), the detector of each (``resolve_detectors``:
+from a ``Calibration``, one ``PageHinkley`` or a dict group -> ``PageHinkley``), and the
+check, before the first step, that the fit does not run past a detector's baseline
+(``check_overrun``). Free functions of the callback's settings: they keep no state.
+"""
+
+from keras_hesstrace.groups import layer_groups, select_groups
+from keras_hesstrace.monitor.calibration import Calibration
+from keras_hesstrace.monitor.csv_log import TOTAL
+from keras_hesstrace.monitor.page_hinkley import PageHinkley
+
+
+def check_detector(detector):
+    """Raise ``TypeError`` unless ``detector`` is a kind the callback takes."""
+    if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
+        raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
+                        "group -> PageHinkley.")
+
+
+def resolve_groups(model, by, groups):
+    """The names of the groups to record (without ``"total"``), in the model's order."""
+    mapping = layer_groups(model, by=by)
+    if TOTAL in mapping:
+        raise ValueError(
+            f"A group is named {TOTAL!r}, the name the callback gives the total trace; "
+            "rename the layer or use a grouping that avoids the name."
+        )
+    return list(select_groups(mapping, groups, by))
+
+
+def resolve_detectors(detector, names, every_n_steps):
+    """dict group -> ``PageHinkley`` for the recorded ``names`` (and ``"total"``).
+
+    Args:
+        detector: the callback's ``detector`` argument (see ``HessianTraceCallback``).
+        names: the recorded groups, without ``"total"``.
+        every_n_steps: the callback's snapshot interval (a ``Calibration`` must match).
+    """
+    recordable = names + [TOTAL]
+    if detector is None:
+        return {}
+    if isinstance(detector, Calibration):
+        detector.check_compatible(recordable, every_n_steps)
+        return detector.detectors()
+    if isinstance(detector, PageHinkley):
+        if len(names) != 1:
+            raise ValueError(
+                f"A single PageHinkley needs exactly one recorded group, got {names}; "
+                "pass groups=[...] or a dict group -> PageHinkley."
+            )
+        return {names[0]: detector}
+    unknown = [g for g in detector if g not in recordable]
+    if unknown:
+        raise ValueError(f"detector groups {unknown} are not recorded; recorded: "
+                         f"{recordable}.")
+    return dict(detector)
+
+
+def check_overrun(detectors, params, epoch, step, last_recorded, every_n_steps):
+    """Raise before the first step when the fit will outrun a detector's baseline.
+
+    Args:
+        detectors: dict group -> ``PageHinkley``; those with ``overrun="error"`` and a
+            baseline are checked.
+        params: the callback's ``params`` (Keras's ``steps`` per epoch and ``epochs``);
+            without both nothing is checked.
+        epoch: the epoch the fit starts at.
+        step: the optimiser step the fit starts at.
+        last_recorded: the step of the last snapshot recorded (-1: none).
+        every_n_steps: the snapshot interval.
+    """
+    steps, epochs = params.get("steps"), params.get("epochs")
+    if not steps or not epochs:
+        return
+    last = step + (int(epochs) - int(epoch)) * int(steps)
+    n = every_n_steps
+    future = last // n - step // n
+    if step % n == 0 and step > last_recorded:
+        future += 1
+    for g, det in detectors.items():
+        if det.baseline is None or det.overrun != "error":
+            continue
+        final = det.n_updates + future - 1
+        if final >= len(det.baseline):
+            raise ValueError(
+                f"This fit runs to step {last}, snapshot {final} of group {g!r}, past "
+                f"its detector's baseline (snapshots 0..{len(det.baseline) - 1}, every "
+                f"{n} steps, up to step {(len(det.baseline) - 1) * n}). Calibrate on "
+                "longer clean runs, fit fewer epochs, or build the detector with "
+                "overrun='hold' (e.g. Calibration.detectors(overrun='hold'))."
+            )

@@ -1,0 +1,61 @@
+"""One snapshot of ``HessianTraceCallback``, from its ``TraceResult`` to CSV rows and alerts.
+
+``group_values`` picks each recorded group's (trace, stderr) and the total's;
+``score_snapshot`` feeds them to the detectors and lays out the CSV rows (the columns
+of ``keras_hesstrace.monitor.csv_log.csv_columns``), giving each value its status:
+"ok"; "nonfinite" (NaN/inf, written as NaN and skipped by the detector); "nonpositive"
+(a value a ``transform="log"`` detector cannot take) or "unreferenced" (a value after a
+skipped reference snapshot), both kept in the CSV and skipped by the detector.
+"""
+
+import math
+
+from keras_hesstrace.monitor.csv_log import TOTAL
+
+_NAN = float("nan")
+
+
+def group_values(result, names):
+    """dict group -> (trace, stderr) of the groups ``names`` and ``"total"``."""
+    values = {g: (float(result.trace[result.groups.index(g)]),
+                  float(result.stderr[result.groups.index(g)])) for g in names}
+    values[TOTAL] = (result.total, result.total_stderr)
+    return values
+
+
+def score_snapshot(detectors, step, epoch, values, num_probes, probe_seed, wall):
+    """The CSV rows of one snapshot, its first alerts and its unusable groups.
+
+    Updates (or skips) the detector of each group that has one, in place.
+
+    Args:
+        detectors: dict group -> ``PageHinkley`` (empty: no detector columns).
+        step, epoch, num_probes, probe_seed, wall: the snapshot's CSV fields.
+        values: dict group -> (trace, stderr), from :func:`group_values`.
+
+    Returns:
+        (rows, alerts, bad): one CSV row per group; (group, result) at each group's
+        first alert; the groups whose value was unusable.
+    """
+    rows, alerts, bad = [], [], []
+    for g, (value, err) in values.items():
+        status = "ok" if math.isfinite(value) else "nonfinite"
+        if status != "ok":
+            value, err = _NAN, _NAN
+            bad.append(g)
+        row = [step, epoch, g, value, err, num_probes, probe_seed, wall]
+        extra = []
+        if detectors:
+            det = detectors.get(g)
+            if det is None:
+                extra = ["", "", "", ""]
+            else:
+                if status == "ok" and not det.usable(value):
+                    status = "unreferenced" if det.reference_missing else "nonpositive"
+                    bad.append(g)
+                r = det.update(value, step=step) if status == "ok" else det.skip(value, step=step)
+                extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
+                if r.first_alert:
+                    alerts.append((g, r))
+        rows.append(row + [status] + extra)
+    return rows, alerts, bad
