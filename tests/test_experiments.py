@@ -337,3 +337,20 @@ def test_worth_reads_the_epoch_the_stop_falls_in():
     assert (w["stop_epoch"], w["test_accuracy_at_stop"], w["memorised_at_stop"]) == (2, 0.7, 0.1)
     assert worth(traj, 2.0)["stop_epoch"] == 2
     assert (w["best_test_accuracy"], w["final_test_accuracy"]) == (0.7, 0.6)
+
+
+def test_export_round_copies_the_report_and_every_trajectory(finished, tmp_path):
+    from keras_hesstrace.experiments.recording import read_trajectory_file
+    from keras_hesstrace.experiments.storage import export_round
+
+    config, out, _ = finished
+    dest = tmp_path / "round"
+    assert export_round(out, dest) == 5
+    names = sorted(os.listdir(dest))
+    assert names == ["comparison.csv", "config.json", "detections.csv", "plots",
+                     "small_cnn-digits-calibration.json", "stops.csv", "summary.csv",
+                     "summary.md", "trajectories"]
+    runs = sorted(os.listdir(dest / "trajectories" / "small_cnn-digits"))
+    assert runs == sorted(f"{r}.json" for r in _run_dirs(out))
+    t = read_trajectory_file(dest / "trajectories" / "small_cnn-digits" / runs[0])
+    assert len(t["epoch"]) == config.epochs

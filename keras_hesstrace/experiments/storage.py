@@ -13,6 +13,7 @@ Layout of ``out``::
 Every file is written to a temporary name and renamed into place, so a killed process
 never leaves a half-written one; a CSV the callback appends to is cut back to a
 checkpoint's step on resume (:func:`truncate_csv`, which drops a torn last line).
+:func:`export_round` copies what a documented round commits (report and trajectories).
 """
 
 import csv
@@ -131,3 +132,45 @@ def load_result(out, spec):
         return None
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def export_round(out, dest):
+    """Copy a finished experiment's report and per-run trajectories to ``dest``.
+
+    What a documented round commits: ``config.json``, the summaries (``summary.md``,
+    ``summary.csv``, ``detections.csv``, ``comparison.csv``, ``stops.csv``), each cell's
+    ``calibration.json`` (as ``<cell>-calibration.json``), ``plots/*.png`` and every
+    finished run's ``trajectory.json`` as ``trajectories/<cell>/<run_id>.json`` (about
+    12 kB a run): everything the tables are computed from, without checkpoints or CSVs.
+
+    Returns:
+        the number of trajectories copied.
+    """
+    import glob
+    import shutil
+
+    out, dest = os.fspath(out), os.fspath(dest)
+    os.makedirs(dest, exist_ok=True)
+    for name in ("config.json", "summary.md", "summary.csv", "detections.csv",
+                 "comparison.csv", "stops.csv"):
+        if os.path.exists(os.path.join(out, name)):
+            shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
+    for path in glob.glob(os.path.join(out, "*", "calibration.json")):
+        cell = os.path.basename(os.path.dirname(path))
+        shutil.copyfile(path, os.path.join(dest, f"{cell}-calibration.json"))
+    plots = sorted(glob.glob(os.path.join(out, "plots", "*.png")))
+    if plots:
+        os.makedirs(os.path.join(dest, "plots"), exist_ok=True)
+        for path in plots:
+            shutil.copyfile(path, os.path.join(dest, "plots", os.path.basename(path)))
+    copied = 0
+    for path in sorted(glob.glob(os.path.join(out, "*", "runs", "*", "trajectory.json"))):
+        run_dir = os.path.dirname(path)
+        if not os.path.exists(os.path.join(run_dir, "result.json")):
+            continue
+        cell = os.path.basename(os.path.dirname(os.path.dirname(run_dir)))
+        target = os.path.join(dest, "trajectories", cell)
+        os.makedirs(target, exist_ok=True)
+        shutil.copyfile(path, os.path.join(target, os.path.basename(run_dir) + ".json"))
+        copied += 1
+    return copied
