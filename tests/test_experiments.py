@@ -324,6 +324,7 @@ def test_baselines_and_comparison_on_the_same_runs(finished):
     comp = pd.read_csv(out / "comparison.csv")
     assert len(comp) == len(methods(config)) * 2
     assert "First-order baselines" in (out / "summary.md").read_text()
+    assert (out / "plots" / "comparison.png").stat().st_size > 10_000
 
 
 def test_worth_reads_the_epoch_the_stop_falls_in():

@@ -117,3 +117,55 @@ def comparison_markdown(config, frame):
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def plot_comparison(config, frame, path):
+    """Three panels per cell: held-out false alarms (Wilson bars), detection epoch by η,
+    and clean test accuracy at the stop by η (with the oracle and no-stop accuracies)."""
+    from keras_hesstrace.plots import new_figure, save_figure
+
+    rates = sorted(float(x) for x in config.noise_rates)
+    names = [m for m in methods(config) if m in set(frame["method"])]
+    fig = new_figure(figsize=(15, 5.2))
+    ax_fa, ax_det, ax_acc = fig.subplots(1, 3)
+    colours = {m: f"C{i}" for i, m in enumerate(names)}
+    for i, m in enumerate(names):
+        sub = frame[frame["method"] == m].set_index("noise_rate")
+        label = method_label(config, m)
+        if 0.0 in sub.index:
+            r = sub.loc[0.0]
+            ax_fa.errorbar([r.alert_rate], [i], xerr=[[r.alert_rate - r.alert_rate_low],
+                                                        [r.alert_rate_high - r.alert_rate]],
+                           fmt="o", color=colours[m], capsize=3)
+        det = [sub.loc[x].det_epoch_mean if x in sub.index else np.nan for x in rates]
+        acc = [sub.loc[x].test_acc_at_stop_mean if x in sub.index else np.nan
+               for x in [0.0] + rates]
+        style = dict(color=colours[m], marker="o", lw=2.2 if i == 0 else 1.2, label=label)
+        ax_det.plot(rates, det, **style)
+        ax_acc.plot([0.0] + rates, acc, **style)
+    ref = frame[frame["method"] == names[0]].set_index("noise_rate") if names else None
+    if ref is not None:
+        xs = [x for x in [0.0] + rates if x in ref.index]
+        ax_acc.plot(xs, [ref.loc[x].best_test_acc_mean for x in xs], color="black", ls="--",
+                    label="oracle stop (best epoch)")
+        ax_acc.plot(xs, [ref.loc[x].final_test_acc_mean for x in xs], color="0.5", ls=":",
+                    label="no stop (final epoch)")
+    ax_fa.axvline(config.false_alarm_prob or np.nan, color="black", ls="--", lw=1,
+                  label="target per-run false-alarm probability")
+    ax_fa.set_yticks(range(len(names)))
+    ax_fa.set_yticklabels([method_label(config, m) for m in names], fontsize=7)
+    ax_fa.invert_yaxis()
+    ax_fa.set_xlim(0, 1)
+    ax_fa.set_xlabel("false-alarm rate on held-out clean runs (95% Wilson)")
+    ax_fa.legend(fontsize=7, loc="lower right")
+    ax_det.set_xlabel("label noise η")
+    ax_det.set_ylabel("mean detection epoch (runs that alerted)")
+    ax_acc.set_xlabel("label noise η (0: clean, held out)")
+    ax_acc.set_ylabel("clean test accuracy at the stop")
+    ax_acc.legend(fontsize=7, loc="lower left")
+    for ax in (ax_fa, ax_det, ax_acc):
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"{config.name}: the curvature rule beside first-order baselines on the same runs",
+                 fontsize=11)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -166,7 +166,11 @@ def summarize(config, out, progress=True):
     from keras_hesstrace.monitor import Calibration
 
     from keras_hesstrace.experiments.baselines import method_records
-    from keras_hesstrace.experiments.comparison import comparison_frame, comparison_markdown
+    from keras_hesstrace.experiments.comparison import (
+        comparison_frame,
+        comparison_markdown,
+        plot_comparison,
+    )
 
     out = os.fspath(out)
     all_rows, all_records, calibrations, stops = [], [], {}, []
@@ -198,6 +202,8 @@ def summarize(config, out, progress=True):
             table.to_csv(buf, index=False)
             atomic_write_text(os.path.join(out, name), buf.getvalue())
         md += "\n## First-order baselines on the same runs\n\n" + comparison_markdown(config, compared)
+        os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+        plot_comparison(config, compared, os.path.join(out, "plots", "comparison.png"))
     atomic_write_text(os.path.join(out, "summary.md"), md)
     if progress:
         log("\n" + md)
