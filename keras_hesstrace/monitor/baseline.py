@@ -36,6 +36,10 @@ for the snapshots the clean runs covered. ``overrun="hold"`` keeps standardising
 last snapshot's (mu0, sigma0) and warns once; use it when traces have plateaued.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+
 import numpy as np
 
 from keras_hesstrace._validate import check_integer
@@ -44,7 +48,7 @@ TRANSFORMS = (None, "log")
 OVERRUNS = ("error", "hold")
 
 
-def check_transform(transform):
+def check_transform(transform: str | None) -> str | None:
     """Return ``transform`` if it is one of ``TRANSFORMS``, else raise ``ValueError``."""
     if transform not in TRANSFORMS:
         raise ValueError(
@@ -54,7 +58,7 @@ def check_transform(transform):
     return transform
 
 
-def apply_transform(values, transform, what="value"):
+def apply_transform(values: np.ndarray | float, transform: str | None, what: str = "value") -> np.ndarray:
     """Apply ``transform`` to a float array; raise on values it cannot take.
 
     Args:
@@ -80,17 +84,17 @@ def apply_transform(values, transform, what="value"):
     return np.log(values)
 
 
-def check_reference(reference, name="reference"):
+def check_reference(reference: int | None, name: str = "reference") -> int | None:
     """Return ``reference`` (a snapshot index) as an int >= 0 or None; else ``ValueError``."""
     return check_integer(name, reference, minimum=0, none="no reference")
 
 
-def first_scored(reference):
+def first_scored(reference: int | None) -> int:
     """The first snapshot a rule with this ``reference`` scores: 0, or reference + 1."""
     return 0 if reference is None else reference + 1
 
 
-def relative_to_reference(runs, reference):
+def relative_to_reference(runs: Sequence[np.ndarray], reference: int | None) -> list[np.ndarray]:
     """Each run's values after snapshot ``reference`` minus its value at ``reference``.
 
     Args:
@@ -117,7 +121,7 @@ def relative_to_reference(runs, reference):
     return out
 
 
-def as_trajectories(trajectories):
+def as_trajectories(trajectories: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
     """Runs as a list of 1-D float arrays; trailing NaN is padding and is removed.
 
     Accepts a 2-D array [N, T] (NaN-padded for unequal lengths, as a pandas pivot
@@ -180,7 +184,9 @@ class Baseline:
         (20,)
     """
 
-    def __init__(self, mean, std, n_runs=None, transform=None, group=None, reference=None):
+    def __init__(self, mean: np.ndarray, std: np.ndarray, n_runs: np.ndarray | None = None,
+                 transform: str | None = None, group: str | None = None,
+                 reference: int | None = None) -> None:
         mean = np.array(mean, dtype=np.float64)
         std = np.array(std, dtype=np.float64)
         if mean.ndim != 1 or mean.shape != std.shape or mean.size == 0:
@@ -220,16 +226,17 @@ class Baseline:
         self.reference = reference
 
     @property
-    def first_scored(self):
+    def first_scored(self) -> int:
         """The first snapshot index that is scored: 0, or reference + 1."""
         return first_scored(self.reference)
 
-    def scored_snapshots(self, horizon):
+    def scored_snapshots(self, horizon: int) -> int:
         """How many of the first ``horizon`` snapshots of a run the rule scores."""
         return max(0, int(horizon) - self.first_scored)
 
     @classmethod
-    def from_runs(cls, trajectories, transform=None, group=None, ddof=1, reference=None):
+    def from_runs(cls, trajectories: np.ndarray | Sequence[np.ndarray], transform: str | None = None,
+                  group: str | None = None, ddof: int = 1, reference: int | None = None) -> Baseline:
         """Baseline from clean runs; each snapshot uses the runs that reach it.
 
         Args:
@@ -281,15 +288,15 @@ class Baseline:
         return cls(mean, std, n_runs=n_at, transform=transform, group=group,
                    reference=reference)
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.mean)
 
     @property
-    def n_snapshots(self):
+    def n_snapshots(self) -> int:
         """Number of snapshots the baseline covers."""
         return len(self.mean)
 
-    def index(self, t, overrun="error"):
+    def index(self, t: int, overrun: str = "error") -> int:
         """The baseline index used for snapshot ``t`` (0-based), per ``overrun``."""
         if overrun not in OVERRUNS:
             raise ValueError(f"overrun must be one of {OVERRUNS}, got {overrun!r}.")
@@ -307,7 +314,8 @@ class Baseline:
             "baseline."
         )
 
-    def standardize(self, values, start=0, overrun="error", reference_value=None):
+    def standardize(self, values: np.ndarray, start: int = 0, overrun: str = "error",
+                    reference_value: float | None = None) -> np.ndarray:
         """z for a trajectory whose first value is snapshot ``start``.
 
         Args:
@@ -349,7 +357,7 @@ class Baseline:
         with np.errstate(invalid="ignore"):
             return (x - self.mean[idx]) / self.std[idx]
 
-    def to_dict(self):
+    def to_dict(self) -> dict:
         """JSON-compatible dict (NaN entries as None); ``Baseline.from_dict`` inverts it."""
         def floats(a):
             return [float(v) if np.isfinite(v) else None for v in a]
@@ -364,7 +372,7 @@ class Baseline:
         }
 
     @classmethod
-    def from_dict(cls, d):
+    def from_dict(cls, d: dict) -> Baseline:
         """Inverse of ``to_dict``."""
         def floats(a):
             return [np.nan if v is None else v for v in a]
@@ -373,7 +381,7 @@ class Baseline:
                    transform=d.get("transform"), group=d.get("group"),
                    reference=d.get("reference"))
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Baseline):
             return NotImplemented
         return (self.group == other.group and self.transform == other.transform
@@ -382,7 +390,7 @@ class Baseline:
                 and np.array_equal(self.std, other.std, equal_nan=True)
                 and np.array_equal(self.n_runs, other.n_runs))
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         ref = "" if self.reference is None else f", reference={self.reference}"
         return (f"Baseline(group={self.group!r}, n_snapshots={len(self)}, "
                 f"transform={self.transform!r}{ref}, runs={int(self.n_runs.min())}.."

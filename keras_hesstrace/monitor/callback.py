@@ -34,10 +34,14 @@ discarded) are removed from the file, with a warning. With a ``tf.data.Dataset``
 snapshot k uses the same batch as in an uninterrupted run.
 """
 
+from __future__ import annotations
+
 import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import keras
 
@@ -58,10 +62,14 @@ from keras_hesstrace.monitor.snapshot_scoring import group_values, score_snapsho
 from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, check_tensorboard
 from keras_hesstrace.trace import layer_traces
 
+if TYPE_CHECKING:
+    from keras_hesstrace.monitor.calibration import Calibration
+    from keras_hesstrace.monitor.page_hinkley import PageHinkley
+
 _logger = logging.getLogger("keras_hesstrace")
 
 
-def snapshot_seed(seed, step):
+def snapshot_seed(seed: int, step: int) -> int:
     """The probe seed of the snapshot at optimiser ``step``: distinct per snapshot."""
     return int(seed) * (2**32) + int(step)
 
@@ -138,10 +146,12 @@ class HessianTraceCallback(keras.callbacks.Callback):
         >>> pandas.read_csv("traces.csv")                       # doctest: +SKIP
     """
 
-    def __init__(self, data, every_n_steps=100, num_probes=10, by="layer", groups=None,
-                 csv_path=None, log_dir=None, detector=None, stop_on_alert=False,
-                 on_alert=None, seed=0, verbose=1, loss=None, probes_per_call=1,
-                 max_batch_size=None, mode=DEFAULT_MODE, layers=None):
+    def __init__(self, data, every_n_steps: int = 100, num_probes: int = 10, by="layer", groups=None,
+                 csv_path: str | os.PathLike | None = None, log_dir: str | os.PathLike | None = None,
+                 detector: Calibration | PageHinkley | dict[str, PageHinkley] | None = None,
+                 stop_on_alert: bool = False, on_alert: Callable | None = None, seed: int = 0,
+                 verbose: int = 1, loss=None, probes_per_call: int = 1,
+                 max_batch_size: int | None = None, mode: str = DEFAULT_MODE, layers=None) -> None:
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
                             ("probes_per_call", probes_per_call)):
@@ -196,7 +206,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     # -------------------------------------------------------------- lifetime
 
-    def close(self):
+    def close(self) -> None:
         """Close the TensorBoard writer (the CSV is closed after every snapshot).
 
         ``on_train_end`` calls it; call it yourself when ``fit`` raises, or use the
@@ -206,10 +216,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
             self._tensorboard.close()
         self._batches.close()
 
-    def __enter__(self):
+    def __enter__(self) -> HessianTraceCallback:
         return self
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, *exc_info) -> bool:
         self.close()
         return False
 
@@ -239,7 +249,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ hooks
 
-    def on_train_begin(self, logs=None):
+    def on_train_begin(self, logs: dict | None = None) -> None:
         self.close()  # whatever a fit that raised left open
         names = resolve_groups(self.model, self.by, self.groups)
         if self._trace_options["max_batch_size"] is not None:
@@ -260,7 +270,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._epoch = None
         self._first_epoch = True
 
-    def on_epoch_begin(self, epoch, logs=None):
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
         self._epoch_start_step = self._step
         if self._first_epoch:
@@ -270,10 +280,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
             if self._step % self.every_n_steps == 0:
                 self._snapshot(self._step)
 
-    def on_train_batch_begin(self, batch, logs=None):
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._advance(self._epoch_start_step + batch)
 
-    def on_epoch_end(self, epoch, logs=None):
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # One read per epoch: the step after the epoch's last execution.
         self._advance(int(self.model.optimizer.iterations.numpy()))
 
@@ -282,7 +292,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         if step // self.every_n_steps > previous // self.every_n_steps:
             self._snapshot(step)
 
-    def on_train_end(self, logs=None):
+    def on_train_end(self, logs: dict | None = None) -> None:
         self.close()
 
     # --------------------------------------------------------------- snapshot

@@ -7,20 +7,27 @@ check, before the first step, that the fit does not run past a detector's baseli
 (``check_overrun``). Free functions of the callback's settings: they keep no state.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from keras_hesstrace.groups import layer_groups, select_groups
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import TOTAL
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
 
+if TYPE_CHECKING:
+    import keras
 
-def check_detector(detector):
+
+def check_detector(detector: Calibration | PageHinkley | dict[str, PageHinkley] | None) -> None:
     """Raise ``TypeError`` unless ``detector`` is a kind the callback takes."""
     if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
         raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
                         "group -> PageHinkley.")
 
 
-def resolve_groups(model, by, groups):
+def resolve_groups(model: keras.Model, by, groups) -> list[str]:
     """The names of the groups to record (without ``"total"``), in the model's order."""
     mapping = layer_groups(model, by=by)
     if TOTAL in mapping:
@@ -31,7 +38,8 @@ def resolve_groups(model, by, groups):
     return list(select_groups(mapping, groups, by))
 
 
-def resolve_detectors(detector, names, every_n_steps):
+def resolve_detectors(detector: Calibration | PageHinkley | dict[str, PageHinkley] | None,
+                      names: list[str], every_n_steps: int) -> dict[str, PageHinkley]:
     """dict group -> ``PageHinkley`` for the recorded ``names`` (and ``"total"``).
 
     Args:
@@ -59,7 +67,8 @@ def resolve_detectors(detector, names, every_n_steps):
     return dict(detector)
 
 
-def check_overrun(detectors, params, epoch, step, last_recorded, every_n_steps):
+def check_overrun(detectors: dict[str, PageHinkley], params: dict, epoch: int, step: int,
+                  last_recorded: int, every_n_steps: int) -> None:
     """Raise before the first step when the fit will outrun a detector's baseline.
 
     Args:

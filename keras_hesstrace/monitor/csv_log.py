@@ -9,13 +9,21 @@ a trajectory the restored checkpoint discarded) are removed, with a warning, and
 ``replay_detectors`` restores each detector by replaying its group's recorded values.
 """
 
+from __future__ import annotations
+
 import csv
 import os
 import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-def atomic_write_text(path, text):
+if TYPE_CHECKING:
+    from keras_hesstrace.monitor.page_hinkley import PageHinkley
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
@@ -25,7 +33,8 @@ def atomic_write_text(path, text):
     os.replace(tmp, path)
 
 
-def cut_back(path, last_step):
+def cut_back(path: str | os.PathLike,
+             last_step: int) -> tuple[list[str] | None, list[list[str]], int, bool]:
     """Keep a snapshot CSV's header and its complete rows with step <= ``last_step``.
 
     The one cut-back on resume (the callback's and the experiment runner's): the text
@@ -75,7 +84,7 @@ BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "prob
 DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
 
 
-def check_csv_path(csv_path):
+def check_csv_path(csv_path: str | os.PathLike) -> str:
     """``csv_path`` as a str, after checking it can be written; else ``ValueError``."""
     csv_path = os.fspath(csv_path)
     parent = os.path.dirname(os.path.abspath(csv_path))
@@ -87,7 +96,7 @@ def check_csv_path(csv_path):
     return csv_path
 
 
-def csv_columns(with_detectors):
+def csv_columns(with_detectors: bool) -> list[str]:
     """The CSV header: the base columns, then the detector's when there is one."""
     return BASE_COLUMNS + (DETECTOR_COLUMNS if with_detectors else [])
 
@@ -95,11 +104,11 @@ def csv_columns(with_detectors):
 class SnapshotCsv:
     """A tidy CSV of snapshots at ``path`` with the header ``columns``."""
 
-    def __init__(self, path, columns):
+    def __init__(self, path: str, columns: Sequence[str]) -> None:
         self.path = path
         self.columns = list(columns)
 
-    def prepare(self, step):
+    def prepare(self, step: int) -> list[dict[str, str]]:
         """Check the header of an existing file, cut it back to ``step``, write the
         header of a new one. Returns the rows kept (dicts column -> string)."""
         rows = []
@@ -127,13 +136,14 @@ class SnapshotCsv:
             self.append([self.columns])
         return rows
 
-    def append(self, rows):
+    def append(self, rows: Sequence[Sequence]) -> None:
         """Append ``rows`` (lists of values), flushed and closed before returning."""
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerows(rows)
 
 
-def replay_detectors(path, rows, detectors, groups):
+def replay_detectors(path: str, rows: list[dict[str, str]], detectors: dict[str, PageHinkley],
+                     groups: Sequence[str]) -> None:
     """Restore ``detectors`` (dict group -> PageHinkley) from the CSV ``rows`` at ``path``.
 
     ``groups`` are the groups the callback records (``"total"`` is added). Replaying the

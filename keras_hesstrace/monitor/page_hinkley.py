@@ -19,6 +19,8 @@ The transform, the reference snapshot and ``overrun`` belong to the ``Baseline``
 ``keras_hesstrace.monitor.baseline``.
 """
 
+from __future__ import annotations
+
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -89,8 +91,9 @@ class PageHinkley:
         [False, False, False, True]
     """
 
-    def __init__(self, delta=0.5, threshold=None, baseline=None, transform=None,
-                 overrun="error", reference=None):
+    def __init__(self, delta: float = 0.5, threshold: float | None = None,
+                 baseline: Baseline | None = None, transform: str | None = None,
+                 overrun: str = "error", reference: int | None = None) -> None:
         delta = float(delta)
         if not (math.isfinite(delta) and delta >= 0):
             raise ValueError(f"delta must be finite and >= 0, got {delta!r}.")
@@ -126,7 +129,7 @@ class PageHinkley:
         self.overrun = overrun
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         """Back to g+ = g- = 0 at snapshot 0, with no alert."""
         self.n_updates = 0
         self.g_pos = 0.0
@@ -138,23 +141,23 @@ class PageHinkley:
         self._warned_hold = False
 
     @property
-    def reference_missing(self):
+    def reference_missing(self) -> bool:
         """True once the reference snapshot has passed without a usable value (it was
         skipped): no later snapshot of this run can be scored."""
         return (self.reference is not None and self.n_updates > self.reference
                 and self.reference_value is None)
 
     @property
-    def statistic(self):
+    def statistic(self) -> float:
         """max(g+, g-) after the last update."""
         return max(self.g_pos, self.g_neg)
 
     @property
-    def alerted(self):
+    def alerted(self) -> bool:
         """Whether the rule has alerted since the last reset."""
         return self.alert_index is not None
 
-    def standardize(self, value, index=None):
+    def standardize(self, value: float, index: int | None = None) -> float:
         """z for ``value`` at snapshot ``index`` (default: the next one); no state change.
 
         NaN at the unscored snapshots 0..reference.
@@ -195,7 +198,7 @@ class PageHinkley:
         k = self.baseline.index(index, self.overrun)
         return (y - self.baseline.mean[k]) / self.baseline.std[k]
 
-    def update(self, value, step=None):
+    def update(self, value: float, step: int | None = None) -> PageHinkleyResult:
         """Feed the next snapshot's value.
 
         Args:
@@ -238,7 +241,7 @@ class PageHinkley:
         return PageHinkleyResult(index, step, float(value), z, self.g_pos, self.g_neg,
                                  stat, bool(alert), bool(first))
 
-    def skip(self, value=float("nan"), *, step=None):
+    def skip(self, value: float = float("nan"), *, step: int | None = None) -> PageHinkleyResult:
         """Pass over a snapshot whose value is unusable (non-finite, or <= 0 under ``"log"``).
 
         The snapshot index advances, so the next value is standardised with the baseline
@@ -266,7 +269,7 @@ class PageHinkley:
         return PageHinkleyResult(index, step, float(value), float("nan"), self.g_pos,
                                  self.g_neg, stat, bool(stat > self.threshold), False)
 
-    def usable(self, value):
+    def usable(self, value: float) -> bool:
         """True when ``update(value)`` can take ``value``: finite, > 0 under ``"log"``, and
         not after a skipped reference snapshot (``reference_missing``)."""
         try:
@@ -276,7 +279,7 @@ class PageHinkley:
         return (math.isfinite(x) and (self.transform is None or x > 0)
                 and not self.reference_missing)
 
-    def get_state(self):
+    def get_state(self) -> dict:
         """JSON-compatible dict of configuration and state; see ``from_state``."""
         return {
             "delta": self.delta,
@@ -296,7 +299,7 @@ class PageHinkley:
         }
 
     @classmethod
-    def from_state(cls, state):
+    def from_state(cls, state: dict) -> PageHinkley:
         """Rebuild a detector, mid-run, from ``get_state()`` output."""
         baseline = state.get("baseline")
         baseline = None if baseline is None else Baseline.from_dict(baseline)
@@ -314,7 +317,7 @@ class PageHinkley:
         ph._warned_hold = bool(state.get("warned_hold", False))
         return ph
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"PageHinkley(delta={self.delta}, threshold={self.threshold:.4g}, "
                 f"baseline={self.baseline!r}, n_updates={self.n_updates}, "
                 f"statistic={self.statistic:.4g}, alert_index={self.alert_index})")
@@ -328,7 +331,10 @@ def _jsonable_step(step):
     return step
 
 
-def page_hinkley_statistics(z, delta=0.5, initial=None):
+def page_hinkley_statistics(
+    z: np.ndarray, delta: float = 0.5,
+    initial: tuple[float | np.ndarray, float | np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """g+ and g- for many trajectories at once (Lindley's closed form of the recursion).
 
     g+_t = W_t - min(0, min_{s<=t} W_s) with W_t = g+_init + sum_{s<=t} (z_s - delta),
@@ -358,7 +364,7 @@ def page_hinkley_statistics(z, delta=0.5, initial=None):
     return out[0], out[1]
 
 
-def run_lengths(z, threshold, delta=0.5):
+def run_lengths(z: np.ndarray, threshold: float, delta: float = 0.5) -> np.ndarray:
     """Run length (1-based snapshot of the first alert) of each trajectory.
 
     Args:

@@ -7,14 +7,17 @@ exit. The float32 Hessian functions are kept in a cache the caller owns (not in 
 model's operator cache, which keeps the model's own-policy functions).
 """
 
+from __future__ import annotations
+
 import contextlib
+from collections.abc import Iterator
 
 import keras
 
 from keras_hesstrace.hvp import OPERATOR_CACHE_ATTR
 
 
-def mixed_precision_layers(model):
+def mixed_precision_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The layers of ``model`` (itself and nested ones) whose compute dtype differs from
     their variable dtype, e.g. under the ``mixed_float16`` policy."""
     out = []
@@ -27,7 +30,7 @@ def mixed_precision_layers(model):
 
 
 @contextlib.contextmanager
-def float32_curvature(model, layers, cache):
+def float32_curvature(model: keras.Model, layers: list[keras.layers.Layer], cache: dict) -> Iterator[None]:
     """Within the block, ``layers`` compute in their variable dtype and ``model``'s
     Hessian operators come from ``cache`` (a dict kept by the caller).
 

@@ -10,7 +10,10 @@ Contents:
                         the h with ARL0(h) = target (its bracket; its upper end).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -28,7 +31,8 @@ _CHUNK_ELEMENTS = 2_000_000  # sequences x snapshots simulated at once (16 MB pe
 _STREAM_BATCH = 65_536  # values drawn at a time (about) by _IndexStream
 
 
-def loo_standardize(trajectories, transform=None, ddof=1, reference=None):
+def loo_standardize(trajectories: np.ndarray | Sequence[np.ndarray], transform: str | None = None,
+                    ddof: int = 1, reference: int | None = None) -> list[np.ndarray]:
     """Leave-one-out z of each clean run.
 
     Args:
@@ -82,7 +86,8 @@ def loo_standardize(trajectories, transform=None, ddof=1, reference=None):
     return out
 
 
-def block_indices(lengths, n_values, block_length, rng):
+def block_indices(lengths: np.ndarray, n_values: int, block_length: int | None,
+                  rng: np.random.Generator) -> np.ndarray:
     """Indices into the concatenated runs for a stream of ``n_values`` resampled values.
 
     Circular block bootstrap within runs (Politis and Romano 1992): each block picks a
@@ -208,8 +213,8 @@ class Resampled:
         time_chunk: snapshots per array (default ``_CHUNK_ELEMENTS``).
     """
 
-    def __init__(self, segments, delta, n_sequences, length, seed, block_length=1,
-                 time_chunk=None):
+    def __init__(self, segments: Sequence[np.ndarray], delta: float, n_sequences: int, length: int,
+                 seed: int, block_length: int | None = 1, time_chunk: int | None = None) -> None:
         rng = np.random.default_rng(seed)
         self.length = int(length)
         self.n_sequences = int(n_sequences)
@@ -275,14 +280,14 @@ class Resampled:
             counts.append(np.array([n]))
         return values, times, counts
 
-    def run_lengths(self, h):
+    def run_lengths(self, h: float) -> np.ndarray:
         """[n_sequences] run lengths at threshold h, NaN where censored."""
         below = np.add.reduceat((self.values <= h).astype(np.int64), self.starts)
         censored = below >= self.counts
         idx = np.minimum(self.starts + below, self.values.size - 1)
         return np.where(censored, np.nan, self.times[idx])
 
-    def arl(self, h):
+    def arl(self, h: float) -> float:
         """ARL0(h): observed snapshots / alerts (geometric MLE under censoring)."""
         rl = self.run_lengths(h)
         alerts = int(np.sum(~np.isnan(rl)))
@@ -290,16 +295,16 @@ class Resampled:
             return math.inf
         return float(np.nansum(rl) + self.length * (rl.size - alerts)) / alerts
 
-    def censored_fraction(self, h):
+    def censored_fraction(self, h: float) -> float:
         return float(np.mean(np.isnan(self.run_lengths(h))))
 
-    def alert_prob(self, h, horizon):
+    def alert_prob(self, h: float, horizon: int) -> float:
         """Share of sequences alerting within their first ``horizon`` snapshots."""
         rl = self.run_lengths(h)
         return float(np.mean(~np.isnan(rl) & (rl <= horizon)))
 
 
-def bracket_threshold(sim, target, tol):
+def bracket_threshold(sim: Resampled, target: float, tol: float) -> tuple[float, float]:
     """(lo, hi) with ARL0(lo) < target <= ARL0(hi) and hi - lo <= tol * max(hi, 1),
     by doubling from h = 1 and bisection."""
     lo = 0.0
@@ -322,6 +327,6 @@ def bracket_threshold(sim, target, tol):
     return lo, hi
 
 
-def bisect_threshold(sim, target, tol):
+def bisect_threshold(sim: Resampled, target: float, tol: float) -> float:
     """Smallest-bracket h with ARL0(h) >= target: the upper end of ``bracket_threshold``."""
     return bracket_threshold(sim, target, tol)[1]

@@ -6,12 +6,14 @@ fit; ``SnapshotBatches.restart(skip)`` lines it up with the snapshots already re
 so snapshot k uses the same batch as in an uninterrupted run.
 """
 
+from __future__ import annotations
+
 import tensorflow as tf
 
 from keras_hesstrace.batches import resolve_data
 
 
-def check_snapshot_data(data):
+def check_snapshot_data(data) -> None:
     """Raise ``ValueError`` unless ``data`` is one ``(x, y)`` batch or a non-empty dataset."""
     if isinstance(data, tf.data.Dataset):
         if data.cardinality() == 0:
@@ -35,13 +37,13 @@ def check_snapshot_data(data):
 class SnapshotBatches:
     """The snapshots' batches from ``data`` (checked by ``check_snapshot_data``)."""
 
-    def __init__(self, data):
+    def __init__(self, data) -> None:
         self.data = data
         self._iterator = None
         self._skip = 0
         self._pending = None  # read by restart(), to fail early on an empty dataset
 
-    def restart(self, skip):
+    def restart(self, skip: int) -> None:
         """Start a fit: the next batch is batch ``skip`` of the dataset (modulo its length)."""
         self.close()
         self._skip = int(skip)
@@ -55,7 +57,7 @@ class SnapshotBatches:
             return batch
         return self._read()
 
-    def close(self):
+    def close(self) -> None:
         """Drop the iterator (a later ``restart`` makes a new one)."""
         self._iterator = None
         self._pending = None

@@ -8,14 +8,21 @@ of ``keras_hesstrace.monitor.csv_log.csv_columns``), giving each value its statu
 skipped reference snapshot), both kept in the CSV and skipped by the detector.
 """
 
+from __future__ import annotations
+
 import math
+from typing import TYPE_CHECKING
 
 from keras_hesstrace.monitor.csv_log import TOTAL
+
+if TYPE_CHECKING:
+    from keras_hesstrace.monitor.page_hinkley import PageHinkley, PageHinkleyResult
+    from keras_hesstrace.trace import TraceResult
 
 _NAN = float("nan")
 
 
-def group_values(result, names):
+def group_values(result: TraceResult, names: list[str]) -> dict[str, tuple[float, float]]:
     """dict group -> (trace, stderr) of the groups ``names`` and ``"total"``."""
     values = {g: (float(result.trace[result.groups.index(g)]),
                   float(result.stderr[result.groups.index(g)])) for g in names}
@@ -23,7 +30,10 @@ def group_values(result, names):
     return values
 
 
-def score_snapshot(detectors, step, epoch, values, num_probes, probe_seed, wall):
+def score_snapshot(
+    detectors: dict[str, PageHinkley], step: int, epoch: int, values: dict[str, tuple[float, float]],
+    num_probes: int, probe_seed: int, wall: float,
+) -> tuple[list[list], list[tuple[str, PageHinkleyResult]], list[str]]:
     """The CSV rows of one snapshot, its first alerts and its unusable groups.
 
     Updates (or skips) the detector of each group that has one, in place.
