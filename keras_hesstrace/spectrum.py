@@ -62,7 +62,10 @@ def top_eigenvalues(
         x, y: one batch [batch, ...] (or the tuple ``(x, y)`` as x, y omitted), or x a
             ``tf.data.Dataset`` / list of (x, y) batches.
         k: number of eigenpairs.
-        max_iter: HVP budget per eigenpair (power: per pair; Lanczos: k * max_iter in all).
+        max_iter: HVPs per eigenpair (one HVP: one product H v, over the ``num_batches``
+            batches in the dataset mode). Power: at most max_iter for each pair, so at most
+            k * max_iter in total; Lanczos: one run for all pairs of at most
+            min(dimension, k * max_iter) HVPs in total.
         tol: relative residual tolerance: stop when ||H u - λ u|| <= tol |λ| for all k pairs
             (an eigenvalue of H is then within tol |λ| of each λ).
         method: "power" (PyHessian's power iteration with deflation), "lanczos" (full
@@ -140,7 +143,8 @@ def hessian_trace(
     Args:
         model, x, y, loss, groups, by, seed, num_batches, mode, jit_compile, verbose: as in
             :func:`top_eigenvalues`.
-        max_iter: the most HVPs.
+        max_iter: the most HVPs in total, over all probes (one HVP per probe; with "hutch++"
+            the sketch's HVPs count too).
         tol: stop when the standard error is at most ``tol * |trace|`` (after ``min_probes``
             probes). tol=0 runs exactly max_iter HVPs.
         method: "hutchinson" (one HVP per probe) or "hutch++" (max_iter // 3 HVPs on a

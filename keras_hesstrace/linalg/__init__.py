@@ -19,7 +19,7 @@ Stopping rules (documented choices, different from PyHessian's relative change
   pair: a guaranteed relative eigenvalue accuracy of ``tol`` (the true error is usually
   far smaller, about ``||r||² / gap``). The same rule for power iteration and Lanczos.
 - trace: stop when the standard error of the mean is at most ``tol * |mean|`` (after at
-  least ``min_probes`` probes), or at ``max_iter`` HVPs.
+  least ``min_probes`` probes), or after ``max_iter`` matvecs (HVPs for a Hessian) in total.
 """
 
 from keras_hesstrace.linalg.common import PROBES, make_rng, numpy_probes, random_probe, stderr

@@ -16,7 +16,8 @@ def hutchinson_trace(matvec, n, max_iter=100, tol=1e-3, min_probes=10, probe="ra
     """Hutchinson's estimate of tr(A): the mean of v^T A v over random probes.
 
     Stops when the standard error of the mean is at most ``tol * |mean|`` after at least
-    ``min_probes`` probes, or after ``max_iter`` probes (one matvec each). Sample m uses
+    ``min_probes`` probes, or after ``max_iter`` probes (one matvec each: ``max_iter`` is the
+    total matvec budget). Sample m uses
     probe ``draw(m)`` (default: ``numpy_probes(n, probe, seed)``; given ``draw``, ``probe``
     and ``seed`` are not used).
 
@@ -57,6 +58,8 @@ def hutchpp_trace(
     sign matrix S (s matvecs), ``tr(Q^T A Q)`` (s matvecs), then Hutchinson on the deflated
     operator (I - QQ^T) A (I - QQ^T) with the standard-error stop of
     :func:`hutchinson_trace` applied to the total, using the rest of the ``max_iter`` budget.
+    ``max_iter`` is the total matvec budget, sketch included: s + s for the sketch and its
+    trace (s clipped to n), then at most ``max_iter - 2 s`` Hutchinson samples (one each).
     The reported ``stderr`` is that of the deflated part, conditional on the sketch.
 
     Probe numbers: sketch column j is ``sketch_draw(j)`` (default Rademacher

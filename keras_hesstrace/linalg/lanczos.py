@@ -119,7 +119,8 @@ def lanczos_eigen(matvec, n, k=1, which="LM", max_iter=100, tol=1e-3, seed=None,
         n: dimension.
         k: number of eigenpairs.
         which: "LM" (largest magnitude) or "LA" (largest algebraic).
-        max_iter: budget per eigenpair (the same as power iteration's).
+        max_iter: matvecs per eigenpair, pooled: one Lanczos run for all k pairs of at most
+            ``min(n, k * max_iter)`` matvecs in total (power iteration's worst-case total).
         tol: relative residual tolerance.
         seed: int seed (None: fresh).
         dtype: dtype of the stored Lanczos basis.

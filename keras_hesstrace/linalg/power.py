@@ -17,7 +17,8 @@ def power_iteration(matvec, n, k=1, max_iter=100, tol=1e-3, seed=None, dtype=np.
         matvec: callable, flat float vector [n] -> A v [n] (A symmetric).
         n: dimension.
         k: number of eigenpairs.
-        max_iter: maximum matvecs per eigenpair.
+        max_iter: the most matvecs per eigenpair (each pair runs its own iteration), so at
+            most ``k * max_iter`` in total.
         tol: relative residual tolerance (see the module docstring).
         seed: int seed of the start vectors (None: fresh).
         dtype: numpy dtype of the stored vectors.
