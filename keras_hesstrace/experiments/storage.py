@@ -174,3 +174,42 @@ def export_round(out, dest):
         shutil.copyfile(path, os.path.join(target, os.path.basename(run_dir) + ".json"))
         copied += 1
     return copied
+
+
+def restore_round(dest, out):
+    """Rebuild an experiment folder from a round exported by :func:`export_round`.
+
+    Each ``trajectories/<cell>/<run_id>.json`` becomes ``out/<cell>/runs/<run_id>/`` with
+    its ``result.json``, its ``trajectory.json`` and a ``traces.csv`` holding the columns the
+    scoring reads (step, epoch, group, trace), so that calibrating and summarising ``out``
+    recomputes the round's documented numbers from the committed data alone.
+
+    Returns:
+        the config (``ExperimentConfig``) of the round.
+    """
+    import glob
+    import shutil
+
+    from keras_hesstrace.experiments.config import ExperimentConfig
+
+    dest, out = os.fspath(dest), os.fspath(out)
+    with open(os.path.join(dest, "config.json"), encoding="utf-8") as f:
+        config = ExperimentConfig.from_dict(json.load(f))
+    os.makedirs(out, exist_ok=True)
+    shutil.copyfile(os.path.join(dest, "config.json"), os.path.join(out, "config.json"))
+    for path in sorted(glob.glob(os.path.join(dest, "trajectories", "*", "*.json"))):
+        cell = os.path.basename(os.path.dirname(path))
+        run_dir = os.path.join(out, cell, "runs", os.path.splitext(os.path.basename(path))[0])
+        os.makedirs(run_dir, exist_ok=True)
+        with open(path, encoding="utf-8") as f:
+            traj = json.load(f)
+        result = traj["result"]
+        spe = result["steps_per_epoch"]
+        lines = ["step,epoch,group,trace"]
+        for i, step in enumerate(traj["snapshots"]["step"]):
+            for group, values in traj["snapshots"]["trace"].items():
+                lines.append(f"{step},{step // spe},{group},{values[i]!r}")
+        atomic_write_text(os.path.join(run_dir, result["trace_csv"]), "\n".join(lines) + "\n")
+        shutil.copyfile(path, os.path.join(run_dir, result["trajectory"]))
+        atomic_write_json(os.path.join(run_dir, "result.json"), result)
+    return config
