@@ -7,7 +7,6 @@ import keras
 import tensorflow as tf
 
 from keras_hesstrace.monitor import (
-    Calibration,
     HessianTraceCallback,
     PageHinkley,
     calibrate_threshold,

@@ -2,7 +2,6 @@
 
 from collections import OrderedDict
 
-import numpy as np
 import pytest
 import keras
 

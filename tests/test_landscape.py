@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from keras_hesstrace import landscape as ls
-from keras_hesstrace import spectrum as sp
 import models_for_tests as mt
 from reference import exact_hessian, objective, xent64
 
