@@ -367,3 +367,40 @@ def test_reference_snapshot_calibrates_the_runs_relative_to_themselves(tmp_path)
     assert old.reference_snapshot is None and old.detector().reference is None
     with pytest.raises(ValueError, match=r"reference_snapshot must be None \(no reference\) or an integer >= 0"):
         calibrate_threshold(clean, transform="log", reference_snapshot=-1, **kw)
+
+
+def test_load_names_the_file_when_it_is_damaged(tmp_path):
+    """Issue 18 case 6: a damaged calibration file is refused with its path, not a raw
+    JSONDecodeError/KeyError/UnicodeDecodeError; a hand-edited interval is named."""
+    import json
+
+    rng = np.random.default_rng(0)
+    cal = calibrate_threshold(rng.normal(size=(10, 30)), group="head", every_n_steps=4)
+    good = tmp_path / "good.json"
+    cal.save(good)
+    text = good.read_text()
+    cases = {
+        "torn.json": text[: len(text) // 2].encode(),
+        "binary.json": b"\xff\xfe\x00garbage",
+        "list.json": b"[1, 2]",
+    }
+    d = json.loads(text)
+    del d["results"]["head"]["threshold"]
+    cases["missing.json"] = json.dumps(d).encode()
+    d = json.loads(text)
+    d["every_n_steps"] = "4"
+    cases["interval.json"] = json.dumps(d).encode()
+    d = json.loads(text)
+    d["groups"] = ["head", "total"]
+    cases["groups.json"] = json.dumps(d).encode()
+    expected = {"torn.json": "not UTF-8 JSON", "binary.json": "not UTF-8 JSON",
+                "list.json": "a JSON list", "missing.json": "'threshold'",
+                "interval.json": "every_n_steps", "groups.json": "results hold groups"}
+    for name, data in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ValueError) as info:
+            Calibration.load(path)
+        message = str(info.value)
+        assert str(path) in message and expected[name] in message, (name, message)
+    assert Calibration.load(good).threshold == cal.threshold

@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.monitor.baseline import Baseline
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
 
@@ -305,8 +306,17 @@ class Calibration:
         if version not in (1, 2, 3, _VERSION):
             raise ValueError(f"Unsupported calibration version {version!r}; "
                              f"this package reads versions 1 to {_VERSION}.")
+        every_n_steps = d["every_n_steps"]
+        if every_n_steps is not None:
+            every_n_steps = check_integer("every_n_steps", every_n_steps)
+        groups = d["groups"]
+        if not (isinstance(groups, list) and all(isinstance(g, str) for g in groups)):
+            raise ValueError(f"groups must be a list of group names, got {groups!r}.")
+        if set(d["results"]) != set(groups):
+            raise ValueError(f"results hold groups {sorted(d['results'])}, the file names "
+                             f"{sorted(groups)}.")
         return cls(
-            groups=tuple(d["groups"]), every_n_steps=d["every_n_steps"],
+            groups=tuple(groups), every_n_steps=every_n_steps,
             target_arl0=d["target_arl0"], delta=d["delta"], transform=d["transform"],
             n_resamples=d["n_resamples"], max_length=d["max_length"], seed=d["seed"],
             confidence=d["confidence"],
@@ -325,9 +335,28 @@ class Calibration:
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        """Read a calibration written by ``save`` (any version 1 to 4)."""
-        with open(os.fspath(path), encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a calibration written by ``save`` (any version 1 to 4).
+
+        Raises:
+            ValueError: naming the file, when it is not JSON, not UTF-8, not a
+                calibration, or damaged (a missing or malformed field).
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable calibration file (not UTF-8 JSON: "
+                             f"{e}).") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: not a keras-hesstrace calibration (a JSON "
+                             f"{type(d).__name__}, not an object).")
+        try:
+            return cls.from_dict(d)
+        except KeyError as e:
+            raise ValueError(f"{path}: damaged calibration file: field {e} is missing.") from None
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: damaged calibration file: {e}") from None
 
     def to_frame(self):
         """One row per group: the target and what was achieved, h and its range, the
