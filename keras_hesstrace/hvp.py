@@ -294,6 +294,9 @@ class HessianOperator:
 # The attribute of a model that holds its cached operators (hessian_operator); the callback
 # swaps it to keep a mixed-precision model's float32 operators apart.
 OPERATOR_CACHE_ATTR = "_hesstrace_operators"
+# Operators kept per model (least recently used dropped first): bounds the memory of
+# compiled functions when a caller keeps asking for new losses or blocks.
+OPERATOR_CACHE_SIZE = 16
 
 
 def hessian_operator(
@@ -310,7 +313,10 @@ def hessian_operator(
     under, if any); one with a single replica runs the plain path.
 
     The cache lives on the model object (not in a module-level registry), so it is
-    freed with the model and holds no hidden global state.
+    freed with the model and holds no hidden global state. It is keyed by what the loss
+    computes (a ``keras.losses.Loss`` by its class and config, so a new but equal loss
+    object reuses the compiled functions) and holds at most ``OPERATOR_CACHE_SIZE``
+    operators per model, the least recently used dropped first, with a warning.
     """
     check_model(model)
     per_model = model.__dict__.get(OPERATOR_CACHE_ATTR)
@@ -320,10 +326,17 @@ def hessian_operator(
         object.__setattr__(model, OPERATOR_CACHE_ATTR, per_model)
     strategy = effective_strategy(model, strategy)
     key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile), id(strategy))
-    op = per_model.get(key)
+    op = per_model.pop(key, None)
     if op is None:
+        if len(per_model) >= OPERATOR_CACHE_SIZE:
+            per_model.pop(next(iter(per_model)))  # the least recently used
+            warnings.warn(
+                f"hessian_operator: more than {OPERATOR_CACHE_SIZE} operators on this model "
+                "(losses, blocks or modes); the least recently used was dropped and will be "
+                "traced again if used. Pass the same loss (or an equal keras.losses.Loss) "
+                "to reuse compiled functions.", RuntimeWarning, stacklevel=2)
         op = HessianOperator(model, loss, variable_indices, mode, jit_compile, strategy)
-        per_model[key] = op
+    per_model[key] = op  # most recently used last
     return op
 
 

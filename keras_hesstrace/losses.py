@@ -16,9 +16,11 @@ model's dtype, so the model's own container (and its loss metrics) are left alon
 from __future__ import annotations
 
 import copy
+import json
 import re
 
 import tensorflow as tf
+
 import keras
 from keras.src.trainers.compile_utils import CompileLoss
 
@@ -122,7 +124,17 @@ def loss_key(model, loss):
     if loss is None:
         # model.compile makes a new container: a recompiled model gets new functions.
         return ("compiled", id(getattr(model, "_compile_loss", None)))
-    return ("given", loss if isinstance(loss, str) else id(loss))
+    if isinstance(loss, str):
+        return ("given", loss)
+    if isinstance(loss, keras.losses.Loss):
+        # By what it computes, so a new but equal Loss object reuses the compiled functions.
+        try:
+            config = json.dumps(loss.get_config(), sort_keys=True, default=repr)
+        except (NotImplementedError, TypeError, ValueError):
+            return ("given", loss)
+        return ("given", type(loss).__module__, type(loss).__qualname__, config)
+    # A callable: the object itself (the key keeps it alive, so its id is never reused).
+    return ("given", loss)
 
 
 def make_objective(model: keras.Model, loss=None):

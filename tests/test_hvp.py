@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import tensorflow as tf
 import keras
 
 import keras_hesstrace as kh
@@ -154,3 +155,33 @@ def test_matvec_data_is_the_hvp_of_the_mean_loss_over_all_batches():
     vs = np.random.default_rng(5).normal(size=sl.stop - sl.start)
     hv_block, _ = block.matvec(x, y, unflatten(vs, block.variables))
     np.testing.assert_allclose(flatten(hv_block), H[sl, sl] @ vs, rtol=1e-10, atol=1e-13)
+
+
+def test_a_new_but_equal_loss_object_reuses_the_operator_and_the_cache_is_bounded():
+    """Issue 18 case 4: a new Loss object per call used to build (and trace) a new operator
+    each time, without bound."""
+    import warnings
+
+    from keras_hesstrace.hvp import OPERATOR_CACHE_ATTR, OPERATOR_CACHE_SIZE, hessian_operator
+
+    model = mt.mlp()
+    x, y = mt.data()
+    ops = [hessian_operator(model, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, dtype="float64")) for _ in range(5)]
+    assert all(op is ops[0] for op in ops)
+    counts = []
+    for _ in range(3):
+        kh.layer_traces(model, x, y, num_probes=2, seed=0, loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, dtype="float64"))
+        counts.append(ops[0].tracing_count())
+    assert counts[0] >= 1 and counts == [counts[0]] * 3  # traced once, then reused
+    other = hessian_operator(model, keras.losses.SparseCategoricalCrossentropy(
+        from_logits=False, dtype="float64"))
+    assert other is not ops[0]  # another config: another operator
+    cache = getattr(model, OPERATOR_CACHE_ATTR)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(OPERATOR_CACHE_SIZE + 3):
+            hessian_operator(model, lambda yt, yp, i=i: tf.reduce_mean(yp))
+    assert len(cache) == OPERATOR_CACHE_SIZE
+    assert any("least recently used" in str(w.message) for w in caught)
