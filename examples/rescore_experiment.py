@@ -55,14 +55,14 @@ def rescore(out, group=None, reference="config", block_length=None, target_arl0=
         config = ExperimentConfig.from_dict(json.load(f))
     group = config.monitor[0] if group is None else group
     ref = config.reference_snapshot if reference == "config" else reference
+    from keras_hesstrace.experiments.scoring import target_of
+
     if target_arl0 is not None:
-        target = {"target_arl0": target_arl0, "n_resamples": config.n_resamples,
-                  "block_length": block_length}
-    elif config.false_alarm_prob is not None:
-        target = {"false_alarm_prob": config.false_alarm_prob}
+        target = {"target_arl0": target_arl0, "n_resamples": config.n_resamples}
     else:
-        target = {"target_arl0": config.target_arl0, "n_resamples": config.n_resamples,
-                  "block_length": block_length}
+        target = target_of(config)
+    if "target_arl0" in target:
+        target["block_length"] = block_length
     what = (f"per-run false alarm {target['false_alarm_prob']:g}" if "false_alarm_prob" in target
             else f"target ARL0 {target['target_arl0']:g}, "
                  f"{'whole runs' if block_length is None else f'blocks of {block_length}'}")

@@ -143,7 +143,7 @@ def method_records(config, out, arch, dataset, curvature):
         try:
             cals[name] = calibrate_signal(config, name, clean, spe)
         except ValueError as e:  # e.g. too few epochs to score: left out, said so
-            warnings.warn(f"baseline {name!r} left out of {spec_cell(phase1)}: {e}",
+            warnings.warn(f"baseline {name!r} left out of {phase1[0].cell}: {e}",
                           RuntimeWarning, stacklevel=2)
     group = config.monitor[0]
     curv = {r["run_id"]: r["alert_epoch"] for r in curvature if r["group"] == group}
@@ -167,10 +167,6 @@ def method_records(config, out, arch, dataset, curvature):
     return records, cals
 
 
-def spec_cell(specs):
-    return specs[0].cell
-
-
 def methods(config):
     """Method names in table order: the curvature rule, the PH baselines, EarlyStopping."""
     return [CURVATURE, *SIGNALS, *(early_stopping_name(p) for p in config.early_stopping_patience)]
@@ -179,7 +175,7 @@ def methods(config):
 def method_label(config, method):
     if method == CURVATURE:
         return f"PH on {config.transform + ' ' if config.transform else ''}Hessian trace " \
-               f"({', '.join(config.monitor[:1])}; this package)"
+               f"({config.monitor[0]}; this package)"
     if method in SIGNALS:
         return SIGNALS[method].label
     return f"Keras EarlyStopping(val_loss, patience={method.rsplit('_p', 1)[1]})"

@@ -54,6 +54,33 @@ def _num(v, spec):
     return "–" if v is None or not np.isfinite(v) else format(v, spec)
 
 
+def _detection_cell(rate, r):
+    frac = f"{int(r.n_alerts)}/{int(r.n_runs)}"
+    if rate == 0.0:
+        return f"{frac} = {r.alert_rate:.2f} [{r.alert_rate_low:.2f}, {r.alert_rate_high:.2f}]"
+    return f"{frac}, {_num(r.det_epoch_mean, '.1f')} ± {_num(r.det_epoch_sd, '.1f')}"
+
+
+def _worth_cell(rate, r):
+    return f"{r.test_acc_at_stop_mean:.3f}, {_num(r.memorised_at_stop_mean, '.2f')}"
+
+
+def _method_rows(config, sub, rates, cell):
+    """Markdown rows, one per method present in ``sub``: ``cell(rate, row)`` per rate
+    (η = 0 first), "–" where the method has no row at that rate."""
+    lines = []
+    for method in methods(config):
+        m = sub[sub["method"] == method]
+        if m.empty:
+            continue
+        cells = []
+        for rate in [0.0] + rates:
+            row = m[m["noise_rate"] == rate]
+            cells.append("–" if row.empty else cell(rate, row.iloc[0]))
+        lines.append(f"| {method_label(config, method)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def comparison_markdown(config, frame):
     """Two markdown tables: detection and false alarms; what a stop is worth."""
     rates = sorted(float(x) for x in config.noise_rates)
@@ -67,25 +94,7 @@ def comparison_markdown(config, frame):
             + " | ".join(f"η = {r:.1f}: alerts, epoch (mean ± sd)" for r in rates) + " |",
             "|---|---|" + "---|" * len(rates),
         ]
-        for method in methods(config):
-            m = sub[sub["method"] == method]
-            if m.empty:
-                continue
-            cells = []
-            for rate in [0.0] + rates:
-                row = m[m["noise_rate"] == rate]
-                if row.empty:
-                    cells.append("–")
-                    continue
-                r = row.iloc[0]
-                frac = f"{int(r.n_alerts)}/{int(r.n_runs)}"
-                if rate == 0.0:
-                    cells.append(f"{frac} = {r.alert_rate:.2f} [{r.alert_rate_low:.2f}, "
-                                 f"{r.alert_rate_high:.2f}]")
-                else:
-                    cells.append(f"{frac}, {_num(r.det_epoch_mean, '.1f')} ± "
-                                 f"{_num(r.det_epoch_sd, '.1f')}")
-            lines.append(f"| {method_label(config, method)} | " + " | ".join(cells) + " |")
+        lines += _method_rows(config, sub, rates, _detection_cell)
         lines += [
             "",
             "What a stop is worth (means over runs; read at the end of the epoch the stop "
@@ -96,17 +105,7 @@ def comparison_markdown(config, frame):
             + " |",
             "|---|" + "---|" * (len(rates) + 1),
         ]
-        for method in methods(config):
-            m = sub[sub["method"] == method]
-            if m.empty:
-                continue
-            cells = []
-            for rate in [0.0] + rates:
-                row = m[m["noise_rate"] == rate]
-                cells.append("–" if row.empty else
-                             f"{row.iloc[0].test_acc_at_stop_mean:.3f}, "
-                             f"{_num(row.iloc[0].memorised_at_stop_mean, '.2f')}")
-            lines.append(f"| {method_label(config, method)} | " + " | ".join(cells) + " |")
+        lines += _method_rows(config, sub, rates, _worth_cell)
         ref = sub[sub["method"] == methods(config)[0]]
         for label, key in (("oracle stop (best epoch)", "best_test_acc_mean"),
                            ("no stop (final epoch)", "final_test_acc_mean")):

@@ -46,11 +46,10 @@ def epoch_record(model, data, epoch, logs):
     """
     logs = logs or {}
     test_x, test_y = data.test_arrays()
-    corrupted = data.corrupted
     memorised = _NAN
-    if corrupted.any():
-        pred = predict_classes(model, data.normalized(data.images[corrupted]))
-        memorised = float(np.mean(pred == data.labels[corrupted]))
+    if data.corrupted.any():
+        corrupted_x, noisy_y = data.corrupted_arrays()
+        memorised = float(np.mean(predict_classes(model, corrupted_x) == noisy_y))
     return {
         "epoch": int(epoch) + 1,
         "train_loss": float(logs.get("loss", _NAN)),

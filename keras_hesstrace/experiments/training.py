@@ -91,6 +91,7 @@ class _RunData:
         self.probe_y = self.labels[pick]
         self.probe_corrupted = int(self.corrupted[pick].sum())
         self._test = None
+        self._corrupted = None
 
     def epoch_dataset(self, config, seed, epoch):
         """The epoch's batches: order (and augmentation) a function of (seed, epoch) only."""
@@ -122,14 +123,18 @@ class _RunData:
     def train_x(self):
         return self.loaded.normalize(self.images)
 
-    def normalized(self, images):
-        return self.loaded.normalize(images)
-
     def test_arrays(self):
         """The clean test set (x normalised, labels), computed once per run."""
         if self._test is None:
             self._test = self.test.arrays()
         return self._test
+
+    def corrupted_arrays(self):
+        """The corrupted training examples (x normalised, their noisy labels), once per run."""
+        if self._corrupted is None:
+            mask = self.corrupted
+            self._corrupted = (self.loaded.normalize(self.images[mask]), self.labels[mask])
+        return self._corrupted
 
 
 def _build_model(config, spec, data):
