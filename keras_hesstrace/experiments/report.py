@@ -17,7 +17,7 @@ import numpy as np
 from keras_hesstrace.experiments.config import cells, steps_per_epoch
 from keras_hesstrace.experiments.scoring import detections, scale_name
 from keras_hesstrace.experiments.storage import log
-from keras_hesstrace.monitor.csv_log import atomic_write_text
+from keras_hesstrace.files import atomic_write_text
 
 
 SUMMARY_COLUMNS = [

@@ -23,7 +23,8 @@ import sys
 
 import numpy as np
 
-from keras_hesstrace.monitor.csv_log import atomic_write_text, cut_back
+from keras_hesstrace.files import atomic_write_text
+from keras_hesstrace.monitor.csv_log import cut_back
 
 
 def log(msg, stream=None):

@@ -19,18 +19,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from keras_hesstrace.files import atomic_write_text
+
 if TYPE_CHECKING:
     from keras_hesstrace.monitor.page_hinkley import PageHinkley
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def cut_back(path: str | os.PathLike,
