@@ -4,7 +4,8 @@ Public API:
     hvp                 Hessian-vector product of a model's loss
     layer_groups        the parameter groups (layers, variables, stages)
     layer_traces        every group's tr(H_ll) at once, one HVP per probe
-    TraceResult         what layer_traces returns (to_frame() for pandas)
+    GroupTraces         what layer_traces returns: each group's trace estimate
+                        (to_frame() for pandas; TraceResult is its deprecated name)
     hessian_operator    the compiled, cached matrix-free Hessian (or a block of it)
     variance            closed-form variances, anisotropy, probe_budget
     top_eigenvalues, hessian_trace, spectral_density, diagonal, loss_landscape
@@ -39,7 +40,7 @@ from keras_hesstrace.spectrum import diagonal, hessian_trace, spectral_density, 
 from keras_hesstrace.spectrum_results import DiagonalResult, EigenResult, SpectralDensity, TraceEstimate  # noqa: E402
 from keras_hesstrace.groups import layer_groups  # noqa: E402
 from keras_hesstrace.hvp import HessianOperator, hessian_operator, hvp  # noqa: E402
-from keras_hesstrace.trace import TraceResult, layer_traces  # noqa: E402
+from keras_hesstrace.trace import GroupTraces, layer_traces  # noqa: E402
 
 from keras_hesstrace._version import __version__  # noqa: E402
 
@@ -51,11 +52,15 @@ _LAZY = ("monitor", "data", "models", "stats", "experiments", "plots")
 def __getattr__(name):
     if name in _LAZY:
         return _importlib.import_module(f"{__name__}.{name}")
+    if name == "TraceResult":
+        from keras_hesstrace import trace
+
+        return trace.TraceResult
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "HessianOperator",
-    "TraceResult",
+    "GroupTraces",
     "EigenResult",
     "TraceEstimate",
     "SpectralDensity",

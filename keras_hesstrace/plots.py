@@ -89,7 +89,7 @@ def plot_traces(frame, path, title=None, num_se=2.0):
 
     Args:
         frame: a DataFrame indexed by group with columns ``trace`` and ``stderr``
-            (``TraceResult.to_frame()``).
+            (``GroupTraces.to_frame()``).
         path: the PNG file to write.
         num_se: error bar half-width in standard errors.
     """

@@ -25,8 +25,11 @@ from keras_hesstrace.linalg.common import stderr as _stderr  # the one standard 
 
 
 @dataclass(frozen=True)
-class TraceResult:
-    """Per-group Hutchinson trace estimates.
+class GroupTraces:
+    """Per-group Hutchinson trace estimates: what :func:`layer_traces` returns.
+
+    (Its earlier name ``TraceResult`` still works, with a DeprecationWarning. ``TraceEstimate`` is the one-number result of
+    ``hessian_trace``.)
 
     Attributes:
         groups: group names, length G.
@@ -145,7 +148,7 @@ def layer_traces(
     strategy: tf.distribute.Strategy | None = None,
     probes_per_call: int = 1,
     max_batch_size: int | None = None,
-) -> TraceResult:
+) -> GroupTraces:
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
     Args:
@@ -189,7 +192,7 @@ def layer_traces(
             model was built under, if any.
 
     Returns:
-        :class:`TraceResult`; ``result.to_frame()`` gives a pandas table. A
+        :class:`GroupTraces`; ``result.to_frame()`` gives a pandas table. A
         non-finite loss or Hessian gives ``result.finite == False`` and a warning.
 
     Example:
@@ -255,7 +258,7 @@ def layer_traces(
     samples /= weight_sum
     totals /= weight_sum
     squares = np.array([float(tf.reduce_sum(tf.square(g))) for g in grad_sum]) / weight_sum**2
-    result = TraceResult(
+    result = GroupTraces(
         groups=names,
         samples=samples,
         total_samples=totals,
@@ -275,3 +278,11 @@ def layer_traces(
             stacklevel=2,
         )
     return result
+
+
+def __getattr__(name):
+    if name == "TraceResult":
+        warnings.warn("TraceResult is now GroupTraces (each group's trace estimate).",
+                      DeprecationWarning, stacklevel=2)
+        return GroupTraces
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

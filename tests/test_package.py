@@ -7,6 +7,7 @@ import sys
 
 import keras_hesstrace as kh
 import models_for_tests as mt
+import pytest
 from reference import xent64
 
 
@@ -56,3 +57,11 @@ def test_onednn_default_respects_the_users_choice():
     env.pop("TF_ENABLE_ONEDNN_OPTS")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "1"
+
+
+def test_group_traces_old_name_still_works_with_a_deprecation_warning():
+    import keras_hesstrace as kh
+
+    with pytest.warns(DeprecationWarning, match="GroupTraces"):
+        old = kh.TraceResult
+    assert old is kh.GroupTraces and "GroupTraces" in kh.__all__ and "TraceResult" not in kh.__all__

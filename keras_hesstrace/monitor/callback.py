@@ -187,7 +187,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
                                    mode=mode)
         # State across fits (see "Reusing one instance across fits").
         self.detectors = None  # dict group -> PageHinkley, resolved at the first fit
-        self.history = []  # one dict per snapshot: step, epoch, TraceResult
+        self.history = []  # one dict per snapshot: step, epoch, GroupTraces
         self._recorded_model = None  # the model the history belongs to
         self._last_recorded = -1  # step of the last snapshot recorded (-1: none)
         self._float32_cache = {}  # Hessian operators traced in float32 (mixed precision)

@@ -1,4 +1,4 @@
-"""One snapshot of ``HessianTraceCallback``, from its ``TraceResult`` to CSV rows and alerts.
+"""One snapshot of ``HessianTraceCallback``, from its ``GroupTraces`` to CSV rows and alerts.
 
 ``group_values`` picks each recorded group's (trace, stderr) and the total's;
 ``score_snapshot`` feeds them to the detectors and lays out the CSV rows (the columns
@@ -17,12 +17,12 @@ from keras_hesstrace.monitor.csv_log import TOTAL
 
 if TYPE_CHECKING:
     from keras_hesstrace.monitor.page_hinkley import PageHinkley, PageHinkleyResult
-    from keras_hesstrace.trace import TraceResult
+    from keras_hesstrace.trace import GroupTraces
 
 _NAN = float("nan")
 
 
-def group_values(result: TraceResult, names: list[str]) -> dict[str, tuple[float, float]]:
+def group_values(result: GroupTraces, names: list[str]) -> dict[str, tuple[float, float]]:
     """dict group -> (trace, stderr) of the groups ``names`` and ``"total"``."""
     values = {g: (float(result.trace[result.groups.index(g)]),
                   float(result.stderr[result.groups.index(g)])) for g in names}
