@@ -6,7 +6,7 @@ import sys
 import time
 
 from keras_hesstrace import cli_commands as commands  # the analysis commands
-from keras_hesstrace.cli_inputs import CLIError, first_line
+from keras_hesstrace.cli_inputs import CLIError, first_line, writable_folder
 
 # TensorFlow's C++ start-up chatter is quieted by the package's __init__ for this console
 # script: it has to happen before TensorFlow is imported, which is before this module runs.
@@ -16,6 +16,7 @@ def _demo(args):
     """Calibrate the alert on clean digits runs, then watch a noisy-label run live."""
     from keras_hesstrace.experiments import run_demo
 
+    writable_folder(args.out, "--out")
     start = time.perf_counter()
     run_demo(out=args.out, epochs=args.epochs, clean_runs=args.clean_runs,
              noise_rate=args.noise_rate, every_n_steps=args.every_n_steps,
@@ -72,7 +73,7 @@ def _experiment(args):
     if args.plan:
         print(json.dumps(mem.plan(config, args.step_seconds, args.hvp_seconds), indent=1))
         return 0
-    out = args.out or os.path.join("runs", config.name)
+    out = writable_folder(args.out or os.path.join("runs", config.name), "--out")
     if args.summarize_only:
         mem.summarize(config, out)
         return 0

@@ -7,7 +7,7 @@ results; it returns the exit code. Problems with the inputs are ``CLIError``.
 
 import os
 
-from keras_hesstrace.cli_inputs import CLIError, first_line, fit_data_to_model, load_data, load_model, resolve_cli_loss
+from keras_hesstrace.cli_inputs import CLIError, first_line, fit_data_to_model, load_data, load_model, resolve_cli_loss, writable_folder
 
 
 def checkselected_groups(model, args):
@@ -26,6 +26,8 @@ def prepare(args):
     """Import --import modules, load model and data, check they fit; returns (model, data, y, loss, meta)."""
     if args.batch_size is not None and args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.out:
+        writable_folder(args.out, "--out")
     model = load_model(args.model, args.imports)
     x, y, desc = load_data(args)
     loss = resolve_cli_loss(model, args.loss, args.from_logits)
@@ -71,26 +73,15 @@ def prepare(args):
 
 
 def out_dir(args):
-    if not args.out:
-        return None
-    os.makedirs(args.out, exist_ok=True)
-    return args.out
+    """The --out folder (made and checked writable by ``prepare``), or None."""
+    return args.out or None
 
 
 def write_json(path, payload):
-    import json
+    """``payload`` as strict JSON (NaN as null), written atomically."""
+    from keras_hesstrace.files import atomic_write_json
 
-    import numpy as np
-
-    def default(o):
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        return str(o)
-
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=2, default=default)
+    atomic_write_json(path, payload)
 
 
 def selected_groups(args):

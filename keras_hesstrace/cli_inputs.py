@@ -20,6 +20,23 @@ class CLIError(Exception):
 first_line = error_summary  # the CLI's name for it
 
 
+def writable_folder(path, flag):
+    """Make the folder ``path`` if needed and check a file can be written in it.
+
+    Checked before any long computation, so that results are never computed and then
+    lost; ``CLIError`` naming ``flag`` and the path otherwise (e.g. a read-only file system).
+    """
+    probe = os.path.join(path, f".keras-hesstrace-write-check{os.getpid()}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise CLIError(f"{flag} {path}: cannot write there ({e.strerror or e}).") from None
+    return path
+
+
 # ======================================================================= --import
 
 

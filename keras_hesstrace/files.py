@@ -42,13 +42,13 @@ def _finite_or_none(obj: Any) -> Any:
         return {k: _finite_or_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_finite_or_none(v) for v in obj]
-    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalars
-        return _finite_or_none(obj.item())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy arrays and scalars
+        return _finite_or_none(obj.tolist())
     return obj
 
 
 def strict_json(obj: Any, indent: int | None = 1) -> str:
-    """``obj`` as strict JSON text: NaN and +-inf become ``null``, numpy scalars plain numbers."""
+    """``obj`` as strict JSON text: NaN and +-inf become ``null``, numpy arrays lists."""
     return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
 
 

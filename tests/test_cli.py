@@ -15,11 +15,18 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 ANALYSIS = ("estimate", "eigen", "density", "landscape")
 
 
-def test_help_lists_the_demo(capsys):
+def test_help_explains_each_subcommand(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["--help"])
     assert exc.value.code == 0
-    assert "demo" in capsys.readouterr().out
+    top = capsys.readouterr().out
+    for name in ("demo", "estimate", "eigen", "density", "landscape", "experiment"):
+        assert name in top
+    for name in ("estimate", "eigen", "density", "landscape"):
+        with pytest.raises(SystemExit):
+            cli.main([name, "--help"])
+        text = capsys.readouterr().out
+        assert "Example:" in text and "--data" in text and "digits" in text
 
 
 # The demo's code path is tested in test_demo.py (small budget, its files and output).
@@ -161,3 +168,15 @@ def test_first_line_picks_the_message_not_the_stack():
     graph = ('Graph execution error:\n\nDetected at node GatherV2 defined at (most recent call last):\n'
              '  File "<stdin>", line 5, in f\n\nindices[0] = 7 is not in [0, 3)\n\t [[{{node GatherV2}}]] [Op:__inference_f_11]')
     assert first_line(RuntimeError(graph)) == "indices[0] = 7 is not in [0, 3)"
+
+
+def test_experiment_and_demo_refuse_an_unwritable_out_before_training(tmp_path, capsys, monkeypatch):
+    from keras_hesstrace import experiments
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(experiments, "run_demo", lambda **k: pytest.fail("trained before checking --out"))
+    for argv in (["experiment", "--preset", "tiny"], ["demo"]):
+        assert cli.main([*argv, "--out", str(blocker / "out")]) == 2
+        err = capsys.readouterr().err
+        assert err.strip().endswith(f"error: --out {blocker / 'out'}: cannot write there (Not a directory).")
