@@ -25,13 +25,24 @@ _SHOWN = 3  # variables named in a message before "and N more"
 def model_fingerprint(model) -> list[list]:
     """``[[path, shape], ...]`` of the model's trainable variables, in the model's order.
 
+    The path is the variable's layer path in the model and its name, as
+    ``layer_groups(model, by="variable")`` names it (``"hidden/kernel"``,
+    ``"inner_model/dense_1/bias"``). Keras's own ``variable.path`` is not used: it
+    depends on the scope the variables were built in (``"sequential/hidden/kernel"``
+    for a model built in this process, ``"hidden/kernel"`` for the same model loaded
+    from a ``.keras`` file, ``"sequential_1/..."`` for a second model built), so a
+    resumed run would look like another model.
+
     Args:
         model: a built Keras model.
 
     Returns:
         list of ``[str, list[int]]``: e.g. ``[["dense/kernel", [4, 3]], ["dense/bias", [3]]]``.
     """
-    return [[v.path, [int(d) for d in v.shape]] for v in model.trainable_variables]
+    from keras_hesstrace.groups import layer_groups
+
+    return [[path, [int(d) for d in v.shape]]
+            for path, (v,) in layer_groups(model, by="variable").items()]
 
 
 def _describe_models(saved: list, current: list) -> str:
