@@ -30,3 +30,15 @@ def check_integer(name, value, minimum=1, maximum=None, none=None):
     bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     allowed = f"None ({none}) or an integer {bound}" if none is not None else f"an integer {bound}"
     raise ValueError(f"{name} must be {allowed}, got {value!r}.")
+
+
+SEED_MAX = 2**63 - 1  # seeds are int64 (TensorFlow's stateless seeds; numpy accepts them)
+
+
+def check_seed(value, name="seed"):
+    """``value`` as an int seed in [0, 2**63 - 1], or None (a fresh seed is then drawn).
+
+    >>> check_seed(3.0), check_seed(None)
+    (3, None)
+    """
+    return check_integer(name, value, minimum=0, maximum=SEED_MAX, none="a fresh seed is drawn")

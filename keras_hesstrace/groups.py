@@ -83,7 +83,8 @@ def layer_groups(model: keras.Model, by="layer") -> OrderedDict:
 
     Raises:
         ValueError: unbuilt model, no trainable variables, an unknown ``by``, a
-            pattern dict that matches nothing, or variables not in the model.
+            pattern dict that matches nothing, a pattern group left empty, or
+            variables not in the model.
 
     Example (a model with layers "hidden" and "head"):
         >>> list(layer_groups(model))
@@ -131,11 +132,16 @@ def layer_groups(model: keras.Model, by="layer") -> OrderedDict:
                 if fnmatch.fnmatchcase(path, pattern):
                     groups.setdefault(str(name), []).extend(vs)
                     break
+        paths = ", ".join(p for p, _ in pairs[:8]) + (", ..." if len(pairs) > 8 else "")
         if not groups:
-            paths = ", ".join(p for p, _ in pairs[:8])
+            raise ValueError(f"No layer path matches the patterns {list(by)}; layer paths are: {paths}")
+        empty = {str(n): [p for p, m in by.items() if str(m) == str(n)] for n in by.values()
+                 if str(n) not in groups}
+        if empty:
             raise ValueError(
-                f"No layer path matches the patterns {list(by)}; layer paths are: {paths}"
-                + (", ..." if len(pairs) > 8 else "")
+                "; ".join(f"group {n!r} is empty: its pattern(s) {ps} match no layer path (or only "
+                          "paths an earlier pattern took)" for n, ps in empty.items())
+                + f". Layer paths are: {paths}"
             )
         return groups
     raise TypeError(f"by must be a string, a callable or a dict, not {type(by).__name__}.")

@@ -100,8 +100,8 @@ def top_eigenvalues(
         method = AUTO_METHOD
     if method == "power" and which != "LM":
         raise ValueError("Power iteration finds the largest-magnitude eigenvalues only: use which='LM' or method='lanczos'.")
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="top_eigenvalues")
     _, seed = make_rng(seed)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="top_eigenvalues")
     try:
         if method == "power":
             out = power_iteration(H, H.n, k, max_iter, tol, seed, H.basis_dtype)
@@ -161,8 +161,8 @@ def hessian_trace(
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, not {method!r}.")
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="hessian_trace")
     _, seed = make_rng(seed)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="hessian_trace")
     try:
         if method == "hutchinson":
             out = hutchinson_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe))
@@ -206,8 +206,8 @@ def spectral_density(
     """
     num_runs = check_integer("num_runs", num_runs)
     lanczos_steps = check_integer("lanczos_steps", lanczos_steps)
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="spectral_density")
     _, seed = make_rng(seed)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="spectral_density")
     start = H.probe_source(seed, "rademacher")
     notes = []
     if lanczos_steps > H.n:
@@ -255,8 +255,8 @@ def diagonal(
     Returns:
         :class:`DiagonalResult`.
     """
-    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
     _, seed = make_rng(seed)
+    H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
     try:
         mean, err = hutchinson_diagonal(H, H.n, num_probes, draw=H.probe_source(seed, probe))
     finally:

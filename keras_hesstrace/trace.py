@@ -15,7 +15,7 @@ import pandas as pd
 import tensorflow as tf
 import keras
 
-from keras_hesstrace._validate import check_integer
+from keras_hesstrace._validate import check_integer, check_seed
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
@@ -205,6 +205,7 @@ def layer_traces(
         True
     """
     num_probes = check_integer("num_probes", num_probes)
+    seed = check_seed(seed)
     check_probe(probe)
     x, y, dataset_mode = resolve_data(x, y, "layer_traces")
     by, groups = split_grouping(by, groups, stacklevel=3)

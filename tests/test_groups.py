@@ -56,6 +56,11 @@ def test_grouping_errors_name_the_problem():
     model = mt.nested()
     with pytest.raises(ValueError, match="No layer path matches the patterns.*stem, inner/d1"):
         kh.layer_groups(model, {"stage9/*": "x"})
+    # one group of several left empty is named, not dropped (issue 18 case 8)
+    with pytest.raises(ValueError, match=r"group 'late' is empty: its pattern\(s\) \['stage9/\*'\] match no"):
+        kh.layer_groups(model, {"inner/*": "inner", "stage9/*": "late"})
+    with pytest.raises(ValueError, match="group 'shadowed' is empty.*an earlier pattern took"):
+        kh.layer_groups(model, {"*": "all", "inner/*": "shadowed"})
     with pytest.raises(ValueError, match="Unknown grouping"):
         kh.layer_groups(model, "block")
     other = mt.mlp()

@@ -301,3 +301,18 @@ def test_gradient_norms_match_central_differences_of_the_loss(max_batch_size):
     np.testing.assert_allclose(r.gradient_norms, expected, rtol=1e-7)
     np.testing.assert_allclose(r.gradient_norm, np.linalg.norm(flat), rtol=1e-7)
     assert list(r.to_frame()["gradient_norm"]) == list(r.gradient_norms)
+
+
+@pytest.mark.parametrize("seed, shown", [("a", "'a'"), (2.5, "2.5"), (-1, "-1"), (2**63, str(2**63)), (True, "True")])
+def test_a_seed_that_is_not_a_whole_number_in_range_is_refused_by_name(seed, shown):
+    """Issue 18 case 8: 'a' gave "invalid literal for int()", 2.5 was used as 2."""
+    model = mt.mlp()
+    x, y = mt.data(shape=(5,))
+    for call in (lambda: kh.layer_traces(model, x, y, num_probes=2, seed=seed, loss=xent64()),
+                 lambda: kh.hessian_trace(model, x, y, max_iter=2, seed=seed, loss=xent64()),
+                 lambda: kh.top_eigenvalues(model, x, y, k=1, seed=seed, loss=xent64()),
+                 lambda: kh.diagonal(model, x, y, num_probes=2, seed=seed, loss=xent64()),
+                 lambda: kh.loss_landscape(model, x, y, grid=3, seed=seed, verbose=0, loss=xent64())):
+        with pytest.raises(ValueError, match=rf"^seed must be None \(a fresh seed is drawn\) or an integer in \[0, {2**63 - 1}\], got {shown}\.$"):
+            call()
+    assert kh.layer_traces(model, x, y, num_probes=2, seed=3.0, loss=xent64()).seed == 3  # a whole float is that integer

@@ -7,11 +7,18 @@ TensorFlow.
 
 import numpy as np
 
+from keras_hesstrace._validate import check_seed
+
 PROBES = ("rademacher", "gaussian")
 
 
 def make_rng(seed):
-    """(numpy Generator, int seed); ``None`` draws a fresh seed and reports it."""
+    """(numpy Generator, int seed); ``None`` draws a fresh seed and reports it.
+
+    A seed that is not a whole number in [0, 2**63 - 1] is refused (``ValueError`` naming
+    ``seed``), never truncated.
+    """
+    seed = check_seed(seed)
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**62))
     return np.random.default_rng(int(seed)), int(seed)
