@@ -348,7 +348,7 @@ def test_reference_snapshot_calibrates_the_runs_relative_to_themselves(tmp_path)
     path = tmp_path / "cal.json"
     cal.save(path)
     raw = json.loads(path.read_text())
-    assert raw["version"] == 4 and raw["reference_snapshot"] == r
+    assert raw["version"] == 5 and raw["reference_snapshot"] == r
     back = Calibration.load(path)
     assert back.reference_snapshot == r and back["total"].baseline == res.baseline
     run = clean[0] * np.exp(np.linspace(0.0, 1.5, T))

@@ -146,7 +146,7 @@ def test_version_3_file_loads_as_arl0():
     assert cal.threshold == 4.2 and cal["g"].threshold_range is None
     assert cal["g"].loo_max_statistics is None and cal.detector().threshold == 4.2
     again = Calibration.from_dict(cal.to_dict())
-    assert again.to_dict() == cal.to_dict() and cal.to_dict()["version"] == 4
+    assert again.to_dict() == cal.to_dict() and cal.to_dict()["version"] == 5
 
 
 def test_save_load_per_run(tmp_path):

@@ -52,6 +52,7 @@ from keras_hesstrace.monitor.baseline import Baseline, check_reference, check_tr
 from keras_hesstrace.monitor.calibration_result import (
     Calibration,
     GroupCalibration,
+    check_fingerprint,
     false_alarm_prob_from_arl,
 )
 from keras_hesstrace.monitor.conformal import conformal_threshold, loo_max_statistics
@@ -69,7 +70,7 @@ def calibrate_threshold(clean_runs, target_arl0: Optional[float] = None, delta: 
                         n_resamples: int = 4000, max_length: Optional[int] = None,
                         seed: int = 0, confidence: float = 0.95, ddof: int = 1,
                         tol: float = 1e-6, block_length: Optional[int] = None,
-                        reference_snapshot: Optional[int] = None) -> Calibration:
+                        reference_snapshot: Optional[int] = None, model=None) -> Calibration:
     """Calibrate h for a per-run false-alarm probability (default) or an in-control ARL.
 
     Per-run (``false_alarm_prob=alpha``; the default when neither target is given,
@@ -122,6 +123,11 @@ def calibrate_threshold(clean_runs, target_arl0: Optional[float] = None, delta: 
             each run is scored by T(x_t) - T(x_r) at t > r, its change since its own
             snapshot r (snapshots 0..r are not scored). It removes run-level offsets
             the per-snapshot baseline cannot absorb (docs/memorisation.md).
+        model: the model of the clean runs: a Keras model, or its fingerprint
+            (``keras_hesstrace.identity.model_fingerprint``: ``[[variable path,
+            shape], ...]``), recorded as ``Calibration.model_fingerprint`` so that
+            ``HessianTraceCallback`` refuses the calibration on another model. Defaults
+            to None: not recorded (any model is accepted).
 
     Returns:
         ``Calibration`` (``target`` says which of the two it holds).
@@ -163,6 +169,7 @@ def calibrate_threshold(clean_runs, target_arl0: Optional[float] = None, delta: 
     every_n_steps = check_integer("every_n_steps", every_n_steps, none="not recorded")
     block_length = check_integer("block_length", block_length, none="whole runs")
     horizon = check_integer("horizon", horizon, none="the baseline's length")
+    fingerprint = check_fingerprint(model)
     if not per_run:
         if n_resamples < 100:
             raise ValueError(f"n_resamples must be >= 100, got {n_resamples}.")
@@ -211,7 +218,7 @@ def calibrate_threshold(clean_runs, target_arl0: Optional[float] = None, delta: 
         block_length=None if per_run else block_length,
         reference_snapshot=reference_snapshot,
         target="false_alarm_prob" if per_run else "arl0",
-        false_alarm_prob=alpha if per_run else None,
+        false_alarm_prob=alpha if per_run else None, model_fingerprint=fingerprint,
     )
 
 

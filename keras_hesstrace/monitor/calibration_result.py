@@ -2,7 +2,8 @@
 with the numbers to judge them, and the calibration file (JSON) they are saved in.
 
 Contents:
-    GroupCalibration    one group's h, baseline and report.
+    GroupCalibration    one group's h, baseline and report (defined in
+                        ``keras_hesstrace.monitor.group_calibration``).
     Calibration         all groups; ``detector``, ``check_compatible``, ``save``/``load``,
                         ``to_frame``.
 
@@ -17,141 +18,57 @@ A calibration holds one of two targets (``Calibration.target``):
 File versions: 2 added block_length (version 1 files were i.i.d.: block_length 1); 3
 added reference_snapshot (earlier files: None); 4 added target and false_alarm_prob
 (earlier files are ARL0 calibrations) and the groups' achieved_false_alarm_prob,
-false_alarm_prob_interval, threshold_range and loo_max_statistics (earlier: None).
+false_alarm_prob_interval, threshold_range and loo_max_statistics (earlier: None); 5
+added model_fingerprint (earlier files: None).
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.monitor.baseline import Baseline
+from keras_hesstrace.files import atomic_write_text
+from keras_hesstrace.identity import model_fingerprint as fingerprint_of_model
+from keras_hesstrace.monitor.group_calibration import GroupCalibration, false_alarm_prob_from_arl
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
 
+__all__ = ["Calibration", "GroupCalibration", "false_alarm_prob_from_arl", "check_fingerprint"]
+
 _FORMAT = "keras-hesstrace-calibration"
-_VERSION = 4
+_VERSION = 5
 TARGETS = ("false_alarm_prob", "arl0")
 
 
-@dataclass
-class GroupCalibration:
-    """Calibration results for one group.
+def check_fingerprint(model) -> Optional[List[list]]:
+    """The model fingerprint a calibration records: None, from a model, or as given.
 
-    Attributes:
-        group: the group name.
-        threshold: the calibrated h.
-        arl0: ARL0 calibrations: the achieved ARL0(h) on the resamples (the target up
-            to the step size of the empirical ARL0(h): see ``threshold_range``). None
-            for a per-run calibration.
-        baseline: ``Baseline`` from all N clean runs (what the detector uses).
-        n_runs: N, clean runs.
-        n_z: pooled leave-one-out z values.
-        horizon: T, snapshots of a run the false-alarm probability is for (the
-            baseline's length unless given). With a reference snapshot r only T - r - 1
-            of them are scored, and the probabilities below count those.
-        false_alarm_prob: expected false-alarm probability of a clean run within T
-            snapshots: per-run calibrations, k/(N+1) (= ``achieved_false_alarm_prob``);
-            ARL0 calibrations, 1 - (1 - 1/arl0)^T' (T' scored snapshots).
-        loo_false_alarms: clean runs whose LOO z alert at h (per-run calibrations:
-            within the horizon, i.e. M_i > h; ARL0: within their length).
-        loo_false_alarm_rate: loo_false_alarms / n_runs.
-        loo_false_alarm_ci: Wilson interval of that rate at the calibration's confidence.
-        loo_alert_indices: per run, the 1-based snapshot of its LOO false alarm or None
-            (counted from snapshot 0 of the run, also with a reference).
-        lag1_r, lag1_pvalue: lag-1 autocorrelation of the pooled z (pairs within runs)
-            and the p-value of the Bartlett/Box-Pierce test of independence.
-        censored_fraction: ARL0 calibrations: share of resampled sequences without an
-            alert within ``max_length`` at h (should be ~0). None for per-run ones.
-        resampled_false_alarm_prob: ARL0 calibrations: share of the resampled sequences
-            that alert within their first ``horizon`` snapshots (from a zero start, as
-            a new run does). None for per-run ones and in files before it existed.
-        achieved_false_alarm_prob: per-run calibrations: k/(N+1), the probability that
-            a fresh clean run of ``horizon`` snapshots alerts, in expectation over
-            calibration sets (<= the target). None for ARL0 calibrations.
-        false_alarm_prob_interval: per-run calibrations: central ``confidence``
-            interval of the per-run rate given one calibration set, across calibration
-            sets: quantiles of Beta(k, N+1-k). None for ARL0 calibrations.
-        threshold_range: (lo, hi): per-run calibrations, (h, the next larger M_i or
-            inf): every h' in [lo, hi) counts the same LOO false alarms; ARL0
-            calibrations, the bracket where the empirical ARL0(h) crosses the target:
-            below lo it is under the target, at lo it jumps to about ``arl0`` and no
-            resampled run length changes before hi. hi may be inf. None in files
-            before version 4.
-        loo_max_statistics: M_i, the largest max(g+, g-) of each LOO run over the
-            horizon (list [N]). None in files before version 4.
+    Args:
+        model: None; a built Keras model; or a fingerprint as
+            ``keras_hesstrace.identity.model_fingerprint`` returns it (a list of
+            ``[variable path, shape]`` pairs, shape a list of ints).
+
+    Returns:
+        None, or the fingerprint as a list of ``[str, list[int]]``.
+
+    Raises:
+        ValueError: anything else, named as ``model``.
     """
-
-    group: str
-    threshold: float
-    arl0: Optional[float]
-    baseline: Baseline
-    n_runs: int
-    n_z: int
-    horizon: int
-    false_alarm_prob: float
-    loo_false_alarms: int
-    loo_false_alarm_rate: float
-    loo_false_alarm_ci: Tuple[float, float]
-    loo_alert_indices: list
-    lag1_r: float
-    lag1_pvalue: float
-    censored_fraction: Optional[float]
-    resampled_false_alarm_prob: Optional[float] = None
-    achieved_false_alarm_prob: Optional[float] = None
-    false_alarm_prob_interval: Optional[Tuple[float, float]] = None
-    threshold_range: Optional[Tuple[float, float]] = None
-    loo_max_statistics: Optional[List[float]] = None
-
-    def expected_false_alarm_prob(self, horizon: int) -> float:
-        """Expected false-alarm probability of a clean run of ``horizon`` snapshots.
-
-        ARL0 calibrations: 1 - (1 - 1/ARL0)^T', T' of the snapshots scored. Per-run
-        calibrations hold for their own horizon only: ``achieved_false_alarm_prob``
-        there, ``ValueError`` for another horizon (calibrate again with it).
-        """
-        scored = self.baseline.scored_snapshots(horizon)
-        if self.arl0 is None:
-            if scored != self.baseline.scored_snapshots(self.horizon):
-                raise ValueError(
-                    f"This per-run calibration is for runs of {self.horizon} snapshots; "
-                    f"it says nothing exact about {horizon}. Calibrate with horizon="
-                    f"{horizon}, or use a target_arl0 calibration for open-ended runs."
-                )
-            return float(self.achieved_false_alarm_prob)
-        return false_alarm_prob_from_arl(self.arl0, scored)
-
-    def to_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "baseline"}
-        d["loo_false_alarm_ci"] = list(self.loo_false_alarm_ci)
-        for k in ("false_alarm_prob_interval", "threshold_range"):
-            if d[k] is not None:  # JSON has no inf: None stands for it
-                d[k] = [None if math.isinf(v) else float(v) for v in d[k]]
-        if d["arl0"] is not None and math.isinf(d["arl0"]):
-            raise ValueError("Cannot save a calibration with an infinite ARL0.")
-        d["baseline"] = self.baseline.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "GroupCalibration":
-        d = dict(d)
-        d["baseline"] = Baseline.from_dict(d["baseline"])
-        d["loo_false_alarm_ci"] = tuple(d["loo_false_alarm_ci"])
-        if d.get("false_alarm_prob_interval") is not None:
-            d["false_alarm_prob_interval"] = tuple(d["false_alarm_prob_interval"])
-        if d.get("threshold_range") is not None:
-            lo, hi = d["threshold_range"]
-            d["threshold_range"] = (lo, math.inf if hi is None else hi)
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def false_alarm_prob_from_arl(arl0: float, horizon: int) -> float:
-    """1 - (1 - 1/ARL0)^horizon: a geometric run length's chance to end within it."""
-    if math.isinf(arl0):
-        return 0.0
-    return float(1.0 - (1.0 - 1.0 / arl0) ** horizon)
+    if model is None:
+        return None
+    if hasattr(model, "trainable_variables"):
+        return fingerprint_of_model(model)
+    try:
+        fingerprint = [[path, [int(d) for d in shape]] for path, shape in model]
+        valid = all(isinstance(path, str) for path, _ in fingerprint) and all(
+            float(d).is_integer() and d >= 0 for _, shape in model for d in shape)
+    except (TypeError, ValueError):
+        valid = False
+    if not valid or not fingerprint:
+        raise ValueError("model must be None, a Keras model or a non-empty model fingerprint "
+                         "([[variable path, [dims]], ...]), got "
+                         f"{type(model).__name__} {str(model)[:80]}.")
+    return fingerprint
 
 
 @dataclass
@@ -183,6 +100,10 @@ class Calibration:
         target: ``"false_alarm_prob"`` (h for a per-run false-alarm probability) or
             ``"arl0"`` (h for an in-control ARL; every file before version 4).
         false_alarm_prob: per-run calibrations: the target alpha; None for ARL0 ones.
+        model_fingerprint: the clean runs' model as ``[[variable path, shape], ...]``
+            (``keras_hesstrace.identity.model_fingerprint``), or None when not given
+            (and in files before version 5). ``HessianTraceCallback`` refuses a
+            calibration whose fingerprint is not its model's.
 
     Example:
         >>> cal = calibrate_threshold({"dense_1": clean_runs}, false_alarm_prob=0.1,
@@ -205,6 +126,7 @@ class Calibration:
     reference_snapshot: Optional[int] = None
     target: str = "arl0"
     false_alarm_prob: Optional[float] = None
+    model_fingerprint: Optional[List[list]] = None
 
     def __getitem__(self, group: str) -> GroupCalibration:
         try:
@@ -296,6 +218,7 @@ class Calibration:
             "block_length": self.block_length,
             "reference_snapshot": self.reference_snapshot,
             "results": {g: self.results[g].to_dict() for g in self.groups},
+            "model_fingerprint": self.model_fingerprint,
         }
 
     @classmethod
@@ -303,7 +226,7 @@ class Calibration:
         if d.get("format") != _FORMAT:
             raise ValueError(f"Not a keras-hesstrace calibration (format={d.get('format')!r}).")
         version = d.get("version")
-        if version not in (1, 2, 3, _VERSION):
+        if version not in (1, 2, 3, 4, _VERSION):
             raise ValueError(f"Unsupported calibration version {version!r}; "
                              f"this package reads versions 1 to {_VERSION}.")
         every_n_steps = d["every_n_steps"]
@@ -325,17 +248,17 @@ class Calibration:
             reference_snapshot=d["reference_snapshot"] if version >= 3 else None,
             target=d["target"] if version >= 4 else "arl0",
             false_alarm_prob=d["false_alarm_prob"] if version >= 4 else None,
+            model_fingerprint=(check_fingerprint(d["model_fingerprint"]) if version >= 5
+                               else None),
         )
 
     def save(self, path) -> None:
-        """Write the calibration as JSON to ``path``."""
-        path = os.fspath(path)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=1, allow_nan=False)
+        """Write the calibration as JSON to ``path``, whole or not at all (atomically)."""
+        atomic_write_text(os.fspath(path), json.dumps(self.to_dict(), indent=1, allow_nan=False))
 
     @classmethod
     def load(cls, path) -> "Calibration":
-        """Read a calibration written by ``save`` (any version 1 to 4).
+        """Read a calibration written by ``save`` (any version 1 to 5).
 
         Raises:
             ValueError: naming the file, when it is not JSON, not UTF-8, not a
