@@ -16,22 +16,34 @@ variables, float16 compute), the snapshot computes the curvature in float32
 (``keras_hesstrace.monitor.precision``); the float32 Hessian functions are traced once,
 at the first snapshot, and kept by the callback.
 
-Files. Nothing is opened at construction. The CSV (``keras_hesstrace.monitor.csv_log``)
-is prepared at ``on_train_begin`` and written through: each snapshot's rows are appended
-and the file closed again, so a fit that raises leaves a closed CSV holding every
-finished snapshot. The TensorBoard writer is created at the first snapshot and closed in
-``on_train_end``; Keras calls no ``on_train_end`` when ``fit`` raises, so close it with
-``close()`` in a ``finally`` or use the callback as a context manager
-(``with HessianTraceCallback(...) as cb: model.fit(..., callbacks=[cb])``); a writer
-left open by a failed fit is also closed at the next ``on_train_begin``.
+Files. Nothing is opened at construction. At ``on_train_begin`` the callback takes an
+exclusive lock on the CSV (``<csv_path>.lock``, released at ``on_train_end`` and by
+``close()``): a second fit writing the same ``csv_path`` meanwhile, in this process or
+another, is refused with an error naming the holder. The CSV
+(``keras_hesstrace.monitor.csv_log``) is then prepared and written through: each
+snapshot's rows are appended and the file closed again, so a fit that raises leaves a
+closed CSV holding every finished snapshot. A new CSV gets a sidecar
+``<csv_path>.identity.json`` naming what wrote it (the model's variables and shapes, the
+recorded groups, ``by``, ``seed``, ``every_n_steps``, ``num_probes``). The TensorBoard
+writer is created at the first snapshot and closed in ``on_train_end``; Keras calls no
+``on_train_end`` when ``fit`` raises, so close it with ``close()`` in a ``finally`` or
+use the callback as a context manager (``with HessianTraceCallback(...) as cb:
+model.fit(..., callbacks=[cb])``); a writer left open by a failed fit is also closed at
+the next ``on_train_begin``.
 
 Resuming. The CSV is the detector's memory: at ``on_train_begin`` a callback pointed at
-an existing CSV restores each detector (snapshot index = number of rows of its group,
-g+ and g- from the last row, the first alert from the first row with alert = 1). Rows
-past the step the fit resumes from (snapshots of a trajectory the restored checkpoint
-discarded) are removed from the file, with a warning. With a ``tf.data.Dataset`` as
-``data``, the dataset is advanced by the number of snapshots already recorded, so the
-snapshot k uses the same batch as in an uninterrupted run.
+an existing CSV first compares the sidecar with its own model and settings and refuses
+another run's file (``ValueError`` saying what differs; a CSV of an older version,
+without a sidecar, is adopted with a warning and given one). It then restores each
+detector (snapshot index = number of rows of its group, g+ and g- from the last row, the
+first alert from the first row with alert = 1). Rows past the step the fit resumes from
+(snapshots of a trajectory the restored checkpoint discarded) are removed from the file,
+with a warning, and so are the rows of a last snapshot that lacks some group (a crash
+between its rows): the fit retakes that snapshot when it resumes at its step, and
+refuses with ``ValueError`` when it resumes later. A torn last line (a row cut short) is
+dropped the same way. With a ``tf.data.Dataset`` as ``data``, the dataset is advanced by
+the number of snapshots already recorded, so the snapshot k uses the same batch as in an
+uninterrupted run.
 """
 
 from __future__ import annotations
@@ -46,16 +58,19 @@ from typing import TYPE_CHECKING
 import keras
 
 from keras_hesstrace._validate import check_integer
+from keras_hesstrace.files import FolderLock
 from keras_hesstrace.groups import split_grouping
 from keras_hesstrace.hvp import DEFAULT_MODE, check_mode
 from keras_hesstrace.losses import check_mean_reduction, resolve_loss
 from keras_hesstrace.monitor.callback_setup import (
+    check_calibration_model,
     check_detector,
     check_overrun,
     resolve_detectors,
     resolve_groups,
 )
-from keras_hesstrace.monitor.csv_log import SnapshotCsv, check_csv_path, csv_columns, replay_detectors
+from keras_hesstrace.monitor.csv_log import (TOTAL, check_csv_path, csv_columns, csv_identity,
+                                              open_snapshot_csv, replay_detectors)
 from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
 from keras_hesstrace.monitor.snapshot_scoring import group_values, score_snapshot
@@ -97,19 +112,24 @@ class HessianTraceCallback(keras.callbacks.Callback):
             (``layers=`` is the older name of this argument, and a grouping passed as
             ``groups=`` is taken as ``by=``; both with a DeprecationWarning.)
         csv_path: tidy CSV, one row per (snapshot, group), flushed at every snapshot;
-            a resumed fit appends to it and restores the detectors from it.
+            a resumed fit appends to it and restores the detectors from it. Locked
+            while a fit runs; its directory must be writable (the sidecar
+            ``<csv_path>.identity.json`` and the lock file ``<csv_path>.lock`` lie
+            there). Defaults to None: no CSV.
         log_dir: TensorBoard run directory (scalars under ``log_dir/train``, as
             ``keras.callbacks.TensorBoard`` writes them). Needs the ``tensorboard``
             package (without it TensorFlow writes no scalars and raises nothing).
         detector: None; a ``Calibration`` (one detector per calibrated group; refused
-            if made for other groups or another ``every_n_steps``); a dict group ->
+            if made for other groups, another ``every_n_steps`` or, when it records
+            one, another model's fingerprint); a dict group ->
             ``PageHinkley``; or a ``PageHinkley`` when exactly one group is recorded.
             ``"total"`` can be a detector group.
         stop_on_alert: set ``model.stop_training`` at the first alert (Keras stops
             after the step in progress).
         on_alert: optional ``f(callback, group, step, result)`` called at each group's
             first alert.
-        seed: base probe seed; the snapshot at step s uses ``snapshot_seed(seed, s)``.
+        seed: base probe seed, an integer in [0, 2**31 - 1]; the snapshot at step s
+            uses ``snapshot_seed(seed, s)``. Defaults to 0.
         verbose: 1 prints alerts.
         loss: loss for the Hessian (default: the compiled loss).
         probes_per_call, max_batch_size, mode: passed to ``layer_traces`` (probes
@@ -157,6 +177,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
                             ("probes_per_call", probes_per_call)):
             check_integer(name, value)
         check_integer("max_batch_size", max_batch_size, none="no chunking")
+        seed = check_integer("seed", seed, minimum=0, maximum=2**31 - 1)  # seed * 2**32 + step: int64
         check_mode(mode)
         check_snapshot_data(data)
         csv_path = None if csv_path is None else check_csv_path(csv_path)
@@ -180,7 +201,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.detector = detector
         self.stop_on_alert = bool(stop_on_alert)
         self.on_alert = on_alert
-        self.seed = int(seed)
+        self.seed = seed
         self.verbose = verbose
         self.loss = loss
         self._trace_options = dict(probes_per_call=probes_per_call, max_batch_size=max_batch_size,
@@ -193,6 +214,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._float32_cache = {}  # Hessian operators traced in float32 (mixed precision)
         # Outputs: the CSV is written through; the TensorBoard writer is made lazily.
         self._csv = None
+        # Held from on_train_begin to on_train_end / close(): one writer of the CSV at a time.
+        self._csv_lock = None if csv_path is None else FolderLock(csv_path, what="csv_path")
         self._tensorboard = None if self.log_dir is None else TensorBoardScalars(self.log_dir)
         # State of the current fit, set at on_train_begin.
         self._names = []  # the recorded groups, without "total"
@@ -207,7 +230,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
     # -------------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Close the TensorBoard writer (the CSV is closed after every snapshot).
+        """Close the TensorBoard writer and release the CSV's lock (the CSV itself is
+        closed after every snapshot).
 
         ``on_train_end`` calls it; call it yourself when ``fit`` raises, or use the
         callback as a context manager. Idempotent; a later fit reopens what it needs.
@@ -215,6 +239,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
         if self._tensorboard is not None:
             self._tensorboard.close()
         self._batches.close()
+        if self._csv_lock is not None:
+            self._csv_lock.release()
 
     def __enter__(self) -> HessianTraceCallback:
         return self
@@ -240,8 +266,11 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
         Returns the last recorded step (-1 when the file holds no snapshot).
         """
-        self._csv = SnapshotCsv(self.csv_path, csv_columns(bool(self.detectors)))
-        rows = self._csv.prepare(step)
+        groups = self._names + [TOTAL]
+        identity = csv_identity(self.model, groups, self.by, self.seed, self.every_n_steps,
+                                self.num_probes)
+        self._csv, rows = open_snapshot_csv(self.csv_path, csv_columns(bool(self.detectors)),
+                                            identity, step, self.every_n_steps)
         if rows:
             replay_detectors(self.csv_path, rows, self.detectors, self._names)
             self._skip_batches = len({r["step"] for r in rows})
@@ -251,6 +280,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.close()  # whatever a fit that raised left open
+        if self._csv_lock is not None:
+            self._csv_lock.acquire()  # before any file is touched; LockedError names the holder
+        try:
+            self._begin()
+        except BaseException:
+            self.close()  # Keras calls no on_train_end: release the lock now
+            raise
+
+    def _begin(self):
+        check_calibration_model(self.detector, self.model)
         names = resolve_groups(self.model, self.by, self.groups)
         if self._trace_options["max_batch_size"] is not None:
             check_mean_reduction(resolve_loss(self.model, self.loss), "max_batch_size")

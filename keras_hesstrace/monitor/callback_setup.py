@@ -1,10 +1,12 @@
 """What ``HessianTraceCallback`` records and scores, resolved at the start of a fit.
 
-The recorded groups (``resolve_groups``: the model's grouping, less ``"total"``, which is
-the callback's name for the total trace), the detector of each (``resolve_detectors``:
-from a ``Calibration``, one ``PageHinkley`` or a dict group -> ``PageHinkley``), and the
-check, before the first step, that the fit does not run past a detector's baseline
-(``check_overrun``). Free functions of the callback's settings: they keep no state.
+The recorded groups (``resolve_groups``: the model's grouping, less ``"total"``, which
+is the callback's name for the total trace), the detector of each
+(``resolve_detectors``: from a ``Calibration``, one ``PageHinkley`` or a dict group ->
+``PageHinkley``), and the check, before the first step, that the fit does not run past a
+detector's baseline (``check_overrun``), and that a ``Calibration`` recording a model
+fingerprint was made for the fitted model (``check_calibration_model``). Free functions
+of the callback's settings: they keep no state.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from keras_hesstrace.groups import layer_groups, select_groups
+from keras_hesstrace.identity import describe_mismatch, model_fingerprint
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import TOTAL
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
@@ -25,6 +28,29 @@ def check_detector(detector: Calibration | PageHinkley | dict[str, PageHinkley] 
     if detector is not None and not isinstance(detector, (Calibration, PageHinkley, dict)):
         raise TypeError("detector must be None, a Calibration, a PageHinkley, or a dict "
                         "group -> PageHinkley.")
+
+
+def check_calibration_model(detector, model: keras.Model) -> None:
+    """Refuse a ``Calibration`` whose model fingerprint is not ``model``'s.
+
+    Args:
+        detector: the callback's ``detector``; anything but a ``Calibration`` with a
+            ``model_fingerprint`` passes.
+        model: the model being fitted.
+
+    Raises:
+        ValueError: naming the variables that differ.
+    """
+    if not isinstance(detector, Calibration) or detector.model_fingerprint is None:
+        return
+    difference = describe_mismatch({"model": detector.model_fingerprint},
+                                   {"model": model_fingerprint(model)})
+    if difference is not None:
+        raise ValueError(
+            f"detector: the Calibration was made for {difference}, not this model: its "
+            "baselines and thresholds describe that model's traces. Calibrate on clean "
+            "runs of this model."
+        )
 
 
 def resolve_groups(model: keras.Model, by, groups) -> list[str]:
