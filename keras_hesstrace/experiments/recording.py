@@ -13,12 +13,12 @@ the "what an alert is worth" columns are computed from
 (:mod:`keras_hesstrace.experiments.baselines`), and what docs/ commits per run.
 """
 
-import json
 import os
 
 import numpy as np
 
-from keras_hesstrace.experiments.storage import atomic_write_json
+from keras_hesstrace.experiments.storage import RESULT_FLOAT_FIELDS
+from keras_hesstrace.files import atomic_write_json, read_json
 
 EPOCH_FIELDS = ("epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
                 "test_accuracy", "memorised_fraction")
@@ -79,7 +79,8 @@ def snapshot_record(entry):
 
 
 def write_trajectory(path, result, csv_path, snapshots, epochs):
-    """The run's ``trajectory.json``: its result, traces and first-order records.
+    """The run's ``trajectory.json``: its result, traces and first-order records, as strict
+    JSON (NaN written as ``null``).
 
     Args:
         path: where to write (atomically).
@@ -113,11 +114,16 @@ def write_trajectory(path, result, csv_path, snapshots, epochs):
 
 
 def read_trajectory_file(path):
-    """A ``trajectory.json`` as a dict with numpy arrays (NaN where JSON had NaN)."""
-    with open(os.fspath(path), encoding="utf-8") as f:
-        d = json.load(f)
+    """A ``trajectory.json`` as a dict with numpy arrays (NaN where the file has ``null``, or
+    a bare ``NaN`` as files written before strict JSON have); a ``ValueError`` names the
+    file when it is not JSON."""
+    d = read_json(os.fspath(path))
     snaps = d["snapshots"]
-    out = {"result": d["result"], "steps": np.asarray(snaps["step"], dtype=np.int64),
+    result = dict(d["result"])
+    for key in RESULT_FLOAT_FIELDS:
+        if key in result and result[key] is None:
+            result[key] = float("nan")
+    out = {"result": result, "steps": np.asarray(snaps["step"], dtype=np.int64),
            "trace": {g: np.asarray(v, dtype=np.float64) for g, v in snaps["trace"].items()},
            "probe_loss": np.asarray(snaps["probe_loss"], dtype=np.float64),
            "gradient_norm": np.asarray(snaps["gradient_norm"], dtype=np.float64),

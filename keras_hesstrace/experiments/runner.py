@@ -32,12 +32,23 @@ trained by :mod:`~keras_hesstrace.experiments.training`, scored by
 :mod:`~keras_hesstrace.experiments.report`; the settings and the grid are
 :mod:`~keras_hesstrace.experiments.config`.
 
-Resuming: a run with ``result.json`` is never redone. A run without it restarts from its
-last epoch checkpoint (weights, optimiser slots and step counter, all written by one
-atomic rename), its CSV cut back to the checkpoint's step, so nothing a killed process
-half-wrote is ever read; the per-epoch data order and the probe seeds are functions of
-(seed, epoch) and (seed, step), so a resumed run repeats what an uninterrupted one does.
+Resuming: one runner at a time works in ``out``: it holds ``out/.keras-hesstrace.lock``
+(:class:`keras_hesstrace.files.FolderLock`) from start to end, and a second runner on the
+same ``out`` stops at once with :class:`~keras_hesstrace.files.LockedError` naming the
+holder, before touching anything (a runner that was killed holds nothing: the system
+releases its lock). On start the runner deletes the temporary files (``*.tmp<pid>``) that
+killed processes left and the checkpoints of runs that had finished, and checks that
+every ``result.json`` is its run's (its identity: cell, role, noise rate, seed, snapshot
+interval), so a run folder copied from another run is refused, naming the file and what
+differs, instead of adopted. A run with ``result.json`` is never redone. A run without
+it restarts from its last epoch checkpoint (weights, optimiser slots and step counter,
+all written by one atomic rename; refused if it is another run's), its CSV cut back to
+the checkpoint's step, so nothing a killed process half-wrote is ever read; the
+per-epoch data order and the probe seeds are functions of (seed, epoch) and
+(seed, step), so a resumed run repeats what an uninterrupted one does.
 """
+
+from __future__ import annotations
 
 import os
 import time
@@ -47,8 +58,41 @@ import numpy as np
 from keras_hesstrace.experiments.config import cells, run_specs
 from keras_hesstrace.experiments.report import summarize
 from keras_hesstrace.experiments.scoring import calibrate_cell
-from keras_hesstrace.experiments.storage import check_config, log, run_folder
+from keras_hesstrace.experiments.storage import (
+    check_config,
+    check_identity,
+    log,
+    read_result,
+    run_folder,
+    run_identity,
+)
 from keras_hesstrace.experiments.training import train_run
+from keras_hesstrace.files import FolderLock, remove_stale_temporaries
+
+
+def tidy_out(config, out: str, specs: list, progress: bool = True) -> None:
+    """Before any run: delete what killed processes left, and refuse another run's results.
+
+    Deletes the ``*.tmp<pid>`` files of dead processes under ``out`` and the
+    ``checkpoint.npz`` of every run that has its ``result.json`` (a kill between the two
+    leaves one, 4 MB for a ResNet); checks every ``result.json`` first against its run's
+    identity (``ValueError`` naming the file and what differs).
+    """
+    finished = []
+    for spec in specs:
+        result_path = os.path.join(run_folder(out, spec), "result.json")
+        if os.path.exists(result_path):
+            saved = read_result(result_path).get("identity")
+            check_identity(result_path, saved, run_identity(config, spec))
+            finished.append(spec)
+    stale = remove_stale_temporaries(out)
+    checkpoints = [os.path.join(run_folder(out, spec), "checkpoint.npz") for spec in finished]
+    checkpoints = [p for p in checkpoints if os.path.exists(p)]
+    for path in checkpoints:
+        os.remove(path)
+    if progress and (stale or checkpoints):
+        log(f"removed {len(stale)} stale temporary file(s) of killed processes and "
+            f"{len(checkpoints)} checkpoint(s) of finished runs from {out}")
 
 
 def run_experiment(config, out, *, callbacks_for=None, progress=True, summary=True):
@@ -63,14 +107,27 @@ def run_experiment(config, out, *, callbacks_for=None, progress=True, summary=Tr
 
     Returns:
         pandas DataFrame of the summary (None when ``summary=False``).
+
+    Raises:
+        keras_hesstrace.files.LockedError: another runner works in ``out`` (nothing touched).
+        ValueError: ``out`` holds another config's results, or a run's ``result.json`` or
+            checkpoint is another run's or unreadable (the message names the file).
     """
     config.validate()
     out = os.fspath(out)
+    os.makedirs(out, exist_ok=True)
+    with FolderLock(out, what="--out"):  # raises LockedError while another runner works here
+        return _run_locked(config, out, callbacks_for, progress, summary)
+
+
+def _run_locked(config, out: str, callbacks_for, progress: bool, summary: bool):
+    """``run_experiment`` once it holds ``out``'s lock."""
     check_config(out, config)
     all_specs = []
     for arch, dataset in cells(config):
         p1, p2 = run_specs(config, arch, dataset)
         all_specs += p1 + p2
+    tidy_out(config, out, all_specs, progress=progress)
     total = len(all_specs)
     done_before = sum(os.path.exists(os.path.join(run_folder(out, s), "result.json"))
                       for s in all_specs)

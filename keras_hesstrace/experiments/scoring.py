@@ -14,12 +14,8 @@ import os
 import numpy as np
 
 from keras_hesstrace.experiments.config import run_specs
-from keras_hesstrace.experiments.storage import (
-    atomic_write_json,
-    load_result,
-    read_trajectory,
-    run_folder,
-)
+from keras_hesstrace.experiments.storage import load_result, read_trajectory, run_folder
+from keras_hesstrace.files import atomic_write_json
 
 
 def rule_values(config, values):

@@ -9,10 +9,13 @@ A run without ``result.json`` restarts from its last epoch checkpoint (weights, 
 slots and step counter, all written by one atomic rename), its CSV cut back to the
 checkpoint's step, so nothing a killed process half-wrote is ever read; the per-epoch
 data order and the probe seeds are functions of (seed, epoch) and (seed, step), so a
-resumed run repeats what an uninterrupted one does.
+resumed run repeats what an uninterrupted one does. The checkpoint and ``result.json``
+carry the run's identity (cell, role, noise rate, seed, snapshot interval, model
+fingerprint: :func:`~keras_hesstrace.experiments.storage.run_identity`); another run's
+checkpoint or result (a folder copied from another seed, say) is refused, not adopted.
+The checkpoint is deleted once ``result.json`` is written.
 """
 
-import json
 import os
 import shutil
 import time
@@ -27,13 +30,16 @@ from keras_hesstrace.experiments.recording import (
     write_trajectory,
 )
 from keras_hesstrace.experiments.storage import (
-    atomic_write_json,
+    check_identity,
     count_snapshots,
     load_checkpoint,
     log,
+    read_result,
+    run_identity,
     save_checkpoint,
     truncate_csv,
 )
+from keras_hesstrace.files import atomic_write_json
 
 # ----------------------------------------------------------------------------- data
 
@@ -189,6 +195,10 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
 
     Returns:
         The result dict (also in ``run_dir/result.json``).
+
+    Raises:
+        ValueError: naming the file, when ``run_dir`` holds a ``result.json`` or a
+            checkpoint of another run (another identity), or an unreadable one.
     """
     import keras
 
@@ -196,8 +206,9 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
 
     result_path = os.path.join(run_dir, "result.json")
     if os.path.exists(result_path):
-        with open(result_path, encoding="utf-8") as f:
-            return json.load(f)
+        result = read_result(result_path)
+        check_identity(result_path, result.get("identity"), run_identity(config, spec))
+        return result
     os.makedirs(run_dir, exist_ok=True)
     ckpt_path = os.path.join(run_dir, "checkpoint.npz")
     csv_path = os.path.join(run_dir, "traces.csv")
@@ -207,11 +218,12 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
     keras.utils.set_random_seed(spec.seed)
     data = _RunData(config, spec)
     model = _build_model(config, spec, data)
+    identity = run_identity(config, spec, model)
 
     start_epoch, elapsed_before, segments = 0, 0.0, 1
     epochs, snapshots = [], []  # first-order records, checkpointed with the weights
     if resume and detector is None and os.path.exists(ckpt_path):
-        meta = load_checkpoint(ckpt_path, model)
+        meta = load_checkpoint(ckpt_path, model, identity)
         start_epoch = int(meta["epochs_done"])
         elapsed_before = float(meta["elapsed"])
         segments = int(meta["segments"]) + 1
@@ -245,7 +257,7 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
             elapsed = elapsed_before + time.perf_counter() - t0
             save_checkpoint(ckpt_path, self.model, {
                 "epochs_done": epoch + 1, "last_step": step, "elapsed": elapsed,
-                "segments": segments, "run_id": spec.run_id,
+                "segments": segments, "run_id": spec.run_id, "identity": identity,
                 "epoch_records": epochs, "snapshot_records": snapshots})
             if progress:
                 last = trace_cb.history[-1]["result"] if trace_cb.history else None
@@ -290,12 +302,12 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
         "memorised_fraction": (float(np.mean(train_pred[corrupted] == data.labels[corrupted]))
                                if corrupted.any() else float("nan")),
         "wall_time_s": elapsed, "segments": segments, "trace_csv": "traces.csv",
-        "trajectory": "trajectory.json",
+        "trajectory": "trajectory.json", "identity": identity,
     }
     write_trajectory(os.path.join(run_dir, "trajectory.json"), result, csv_path,
                      snapshots, epochs)
-    atomic_write_json(result_path, result)  # the run is done from here on
-    if os.path.exists(ckpt_path):
+    atomic_write_json(result_path, result)  # the run is done from here on (strict JSON)
+    if os.path.exists(ckpt_path):  # a kill right here: the runner deletes it on restart
         os.remove(ckpt_path)
     return result
 
