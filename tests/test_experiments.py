@@ -41,7 +41,9 @@ def test_every_run_finished_with_its_files(finished):
                             "calibration-eta0.00-seed2", "clean-eta0.00-seed3",
                             "noisy-eta0.60-seed4"]
     for name, d in runs.items():
-        assert sorted(os.listdir(d)) == ["result.json", "traces.csv", "trajectory.json"]  # checkpoint removed
+        # checkpoint removed; the callback's CSV identity sidecar and (released) lock file stay
+        assert sorted(os.listdir(d)) == ["result.json", "traces.csv", "traces.csv.identity.json",
+                                         "traces.csv.lock", "trajectory.json"]
         res = json.loads((d / "result.json").read_text())
         assert res["run_id"] == name and res["n_snapshots"] == SNAPSHOTS
         assert res["steps_per_epoch"] == STEPS_PER_EPOCH and res["segments"] == 1
