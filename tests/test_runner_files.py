@@ -155,7 +155,13 @@ def test_result_and_trajectory_are_strict_json_with_nan_as_null(config, finished
     trajectory = _no_nan((run / "trajectory.json").read_text())
     assert trajectory["epochs"]["memorised_fraction"] == [None] * config.epochs
     _no_nan((finished / "config.json").read_text())
-    _no_nan((finished / CELL / "calibration.json").read_text())
+    calibration = _no_nan((finished / CELL / "calibration.json").read_text())
+    # the calibration records the clean runs' model, as their results do
+    assert calibration["model_fingerprint"] == result["identity"]["model"]
+    identity = result["identity"]
+    assert (identity["cell"], identity["role"], identity["seed"]) == (CELL, "calibration", 0)
+    assert identity["model"] and all(isinstance(path, str) and isinstance(shape, list)
+                                     for path, shape in identity["model"])
     # ... and read back as NaN
     spec = run_specs(config, "small_cnn", "digits")[0][0]
     assert math.isnan(load_result(finished, spec)["memorised_fraction"])

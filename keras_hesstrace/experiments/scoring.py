@@ -67,8 +67,26 @@ def target_of(config):
     return {"target_arl0": config.target_arl0, "n_resamples": config.n_resamples}
 
 
+def clean_runs_model(config, out, arch, dataset) -> list | None:
+    """The model fingerprint the cell's Phase I runs record in their ``result.json``
+    identity; None when a run has none (written before identities) or they differ."""
+    phase1, _ = run_specs(config, arch, dataset)
+    fingerprints = []
+    for spec in phase1:
+        result = load_result(out, spec) or {}
+        fingerprints.append((result.get("identity") or {}).get("model"))
+    if fingerprints and fingerprints[0] is not None and all(
+            f == fingerprints[0] for f in fingerprints):
+        return fingerprints[0]
+    return None
+
+
 def calibrate_cell(config, out, arch, dataset):
-    """Calibrate h for the cell from its finished Phase I runs; save and return it."""
+    """Calibrate h for the cell from its finished Phase I runs; save and return it.
+
+    The calibration records the runs' model fingerprint (:func:`clean_runs_model`), so
+    the callback refuses it on another model.
+    """
     from keras_hesstrace.monitor import calibrate_threshold
 
     phase1, _ = run_specs(config, arch, dataset)
@@ -79,7 +97,8 @@ def calibrate_cell(config, out, arch, dataset):
             trajectories[g].append(rule_values(config, read_trajectory(csv_path, g)[1]))
     cal = calibrate_threshold(trajectories, **target_of(config), delta=config.delta,
                               transform=config.transform, every_n_steps=config.every_n_steps,
-                              seed=0, reference_snapshot=config.reference_snapshot)
+                              seed=0, reference_snapshot=config.reference_snapshot,
+                              model=clean_runs_model(config, out, arch, dataset))
     path = os.path.join(out, f"{arch}-{dataset}", "calibration.json")
     atomic_write_json(path, cal.to_dict())
     return cal
