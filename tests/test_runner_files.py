@@ -245,3 +245,13 @@ def test_an_unreadable_checkpoint_is_named(config, killed, tmp_path):
     path.write_bytes(path.read_bytes()[:100])  # torn
     with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*not a readable"):
         run_experiment(config, out, progress=False, summary=False)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named(tmp_path):
+    from keras_hesstrace.experiments.storage import save_checkpoint
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    path = tmp_path / "gone" / "checkpoint.npz"  # its folder was deleted under the run
+    with pytest.raises(OSError, match="checkpoint " + re.escape(repr(str(path)))):
+        save_checkpoint(str(path), model, {"epochs_done": 1})

@@ -90,11 +90,17 @@ def save_checkpoint(path, model, meta):
     arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
     arrays["meta"] = np.array(json.dumps(meta))
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise type(e)(e.errno, f"cannot write the checkpoint {os.fspath(path)!r}: "
+                               f"{e.strerror}") from e
 
 
 def load_checkpoint(path, model, identity: dict[str, Any] | None = None):
