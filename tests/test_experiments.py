@@ -198,6 +198,21 @@ def test_config_presets_files_and_plan(tmp_path):
         preset("tiny", target_arl0=300.0)
     old = ExperimentConfig.from_dict({"target_arl0": 300.0})  # a config.json from before
     assert old.false_alarm_prob is None and old.validate().target_arl0 == 300.0
+    # the grouping is by= as everywhere in the API; a config.json that calls it groups loads,
+    # and a folder written with it resumes (check_config compares in today's names)
+    assert "by" in cfg.to_dict() and "groups" not in cfg.to_dict()
+    assert ExperimentConfig.from_dict({"groups": "variable"}).by == "variable"
+    from keras_hesstrace.experiments.storage import check_config
+
+    tiny = preset("tiny")
+    folder = tmp_path / "old-out"
+    folder.mkdir()
+    written = tiny.to_dict()
+    written["groups"] = written.pop("by")
+    (folder / "config.json").write_text(json.dumps(written))
+    check_config(str(folder), tiny)  # no "another config" refusal
+    with pytest.raises(ValueError, match=r"differs in \['by'\]"):
+        check_config(str(folder), preset("tiny", by="variable"))
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"preset": "tiny", "epochs": 3, "noise_rates": [0.4, 0.8]}))
     c = ExperimentConfig.from_file(f)

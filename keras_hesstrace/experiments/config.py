@@ -49,7 +49,9 @@ class ExperimentConfig:
             different batch per run (seeded by the run's seed). A batch per run adds a
             persistent run-level offset to the trace that the per-snapshot baseline
             cannot absorb, and false alarms rise (docs/memorisation.md).
-        groups: grouping of the parameters (``"layer"``: one group per layer).
+        by: how the parameters are grouped, as ``layer_traces(by=...)`` takes it
+            (``"layer"``: one group per layer). Files written before it was named ``by``
+            call it ``groups``; they still load.
         monitor: the groups the alert rule watches (the paper: the classifier ``head``;
             ``"total"`` is the whole model's trace, which the callback always records).
         transform: ``"log"`` (standardise log(trace); the trace spans decades) or None.
@@ -100,7 +102,7 @@ class ExperimentConfig:
     num_probes: int = 10
     probe_batch_size: int = 256
     probe_batch_seed: Optional[int] = 0
-    groups: str = "layer"
+    by: str = "layer"
     monitor: List[str] = field(default_factory=lambda: ["head"])
     transform: Optional[str] = "log"
     reference_snapshot: Optional[int] = None
@@ -179,15 +181,23 @@ class ExperimentConfig:
     def to_dict(self):
         return dataclasses.asdict(self)
 
+    @staticmethod
+    def upgraded(d):
+        """A config dict written by an earlier version, in today's field names."""
+        d = dict(d)
+        if "groups" in d and "by" not in d:
+            d["by"] = d.pop("groups")  # the grouping was called groups= before
+        if d.get("target_arl0") is not None and "false_alarm_prob" not in d:
+            d["false_alarm_prob"] = None  # a config written before false_alarm_prob existed
+        return d
+
     @classmethod
     def from_dict(cls, d):
+        d = cls.upgraded(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}.")
-        d = dict(d)
-        if d.get("target_arl0") is not None and "false_alarm_prob" not in d:
-            d["false_alarm_prob"] = None  # a config written before false_alarm_prob existed
         return cls(**d)
 
     @classmethod

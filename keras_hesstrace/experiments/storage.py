@@ -184,6 +184,7 @@ def check_config(out, config):
         saved = read_json(path)
         if not isinstance(saved, dict):
             raise ValueError(f"{path!r} does not hold a config (a JSON object).")
+        saved = type(config).upgraded(saved)  # a folder written by an earlier version
         if saved != current:
             diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
             raise ValueError(

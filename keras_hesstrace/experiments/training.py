@@ -241,7 +241,7 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
 
     trace_cb = HessianTraceCallback(
         (data.probe_x, data.probe_y), every_n_steps=config.every_n_steps,
-        num_probes=config.num_probes, by=config.groups, csv_path=csv_path,
+        num_probes=config.num_probes, by=config.by, csv_path=csv_path,
         log_dir=log_dir, detector=detector, seed=spec.seed,
         verbose=1 if (detector is not None and progress) else 0,
     )
