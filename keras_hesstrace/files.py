@@ -24,7 +24,8 @@ import math
 import os
 import re
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import IO, Any
 
 try:  # POSIX; elsewhere the lock is a no-op (see FolderLock)
     import fcntl
@@ -52,23 +53,32 @@ def strict_json(obj: Any, indent: int | None = 1) -> str:
     return json.dumps(_finite_or_none(obj), indent=indent, allow_nan=False)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``path`` whole or not at all: a temporary file, fsynced, renamed into place.
+def atomic_write(path: str | os.PathLike, write: Callable[[IO], None], binary: bool = False,
+                 what: str = "") -> None:
+    """Write ``path`` whole or not at all: ``write(f)`` fills a temporary file, fsynced,
+    renamed into place (``<path>.tmp<pid>``, the name :func:`remove_stale_temporaries`
+    recognises). ``what`` names the file in an error (e.g. ``"the checkpoint "``).
 
     Raises:
-        PermissionError / OSError: with ``path`` named, when the folder cannot be written.
+        PermissionError / OSError: with ``path`` named, when the folder cannot be written
+            (the temporary file is removed).
     """
     tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8", newline="") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise type(e)(e.errno, f"cannot write {os.fspath(path)!r}: {e.strerror}") from e
+        raise type(e)(e.errno, f"cannot write {what}{os.fspath(path)!r}: {e.strerror}") from e
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write the str ``text`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:

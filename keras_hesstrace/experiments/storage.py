@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_hesstrace.files import atomic_write_json, atomic_write_text, read_json
+from keras_hesstrace.files import atomic_write, atomic_write_json, atomic_write_text, read_json
 from keras_hesstrace.identity import describe_mismatch, model_fingerprint
 from keras_hesstrace.monitor.csv_log import cut_back
 
@@ -89,18 +89,7 @@ def save_checkpoint(path, model, meta):
     arrays = {f"w{i}": w for i, w in enumerate(model.get_weights())}
     arrays.update({f"o{i}": np.asarray(v.numpy()) for i, v in enumerate(model.optimizer.variables)})
     arrays["meta"] = np.array(json.dumps(meta))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise type(e)(e.errno, f"cannot write the checkpoint {os.fspath(path)!r}: "
-                               f"{e.strerror}") from e
+    atomic_write(path, lambda f: np.savez(f, **arrays), binary=True, what="the checkpoint ")
 
 
 def load_checkpoint(path, model, identity: dict[str, Any] | None = None):
