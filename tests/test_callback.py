@@ -36,6 +36,8 @@ def read_scalars(log_dir):
     acc.Reload()
     out = {}
     for tag in acc.Tags()["tensors"]:
+        if acc.SummaryMetadata(tag).plugin_data.plugin_name != "scalars":
+            continue  # the alert text, the custom-scalars layout
         out[tag] = {e.step: float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)}
     return out
 
@@ -59,7 +61,9 @@ def test_csv_and_tensorboard_match_direct_layer_traces(tmp_path):
     frame = pd.read_csv(tmp_path / "t.csv")
     assert sorted(frame.step.unique()) == [0, 3, 6]
     assert set(frame.group) == {"hidden", "head", "total"}
-    assert list(frame.epoch[frame.step == 6]) == [1, 1, 1]
+    # epochs completed (4 steps an epoch): step 6 is half-way through the second epoch
+    assert list(frame.epoch[frame.step == 6]) == [1.5, 1.5, 1.5]
+    assert [e["epoch"] for e in cb.history] == [0.0, 0.75, 1.5]
     assert set(frame.status) == {"ok"}
     scalars = read_scalars(tmp_path / "logs")
     check = small_model()
@@ -173,9 +177,9 @@ class Recording(HessianTraceCallback):
         super().__init__(*args, **kwargs)
         self.seen = {}
 
-    def _snapshot(self, step):
+    def _snapshot(self, step, *args):
         self.seen[step] = (int(self.model.optimizer.iterations.numpy()), self.model.get_weights())
-        super()._snapshot(step)
+        super()._snapshot(step, *args)
 
 
 def detector_columns(frame):
@@ -372,7 +376,8 @@ def test_steps_per_execution_snapshots_at_the_true_optimiser_step(tmp_path):
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[cb])
     frame = pd.read_csv(tmp_path / "s.csv")
     assert sorted(frame.step.unique()) == [0, 6, 8, 14, 16]
-    assert list(frame[frame.group == "head"].epoch) == [0, 0, 0, 1, 1]
+    # epochs completed: step 8, taken at the end of epoch index 0, is epoch 1.0
+    assert list(frame[frame.group == "head"].epoch) == [0, 0.75, 1, 1.75, 2]
     assert {step: it for step, (it, _) in cb.seen.items()} == {s: s for s in (0, 6, 8, 14, 16)}
     check = small_model()
     for step in (6, 16):

@@ -24,7 +24,7 @@ from keras_hesstrace.monitor.csv_log import check_csv_path
 
 FIT = dict(batch_size=16, verbose=0, shuffle=False)  # 64 examples: 4 steps an epoch
 COMPARED = ["step", "group", "trace", "stderr", "num_probes", "probe_seed", "status"]
-DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
+DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "h", "alert"]
 
 
 def small_model(seed=0, hidden=8):
@@ -81,10 +81,10 @@ def assert_same_record(resumed, full, with_detector):
     columns = COMPARED + (DETECTOR_COLUMNS if with_detector else [])
     assert len(resumed) == len(full) == 12  # 4 snapshots x (hidden, head, total)
     pd.testing.assert_frame_equal(resumed[columns], full[columns], rtol=1e-6)
-    # The retaken snapshot 8 is taken at the start of epoch 2 (the same weights, after
-    # 8 updates) instead of at the end of epoch 1.
-    assert list(resumed.epoch[resumed.step == 8]) == [2, 2, 2]
-    assert list(resumed.epoch[resumed.step != 8]) == list(full.epoch[full.step != 8])
+    # The retaken snapshot 8 is taken at the start of epoch index 2 (the same weights,
+    # after 8 updates) instead of at the end of epoch index 1: 2 epochs completed either way.
+    assert list(resumed.epoch[resumed.step == 8]) == [2.0, 2.0, 2.0]
+    assert list(resumed.epoch) == list(full.epoch)
 
 
 # ------------------------------------------------------------ 1, 2: partial snapshots
@@ -127,7 +127,7 @@ def test_a_torn_last_line_is_dropped_and_its_snapshot_retaken(tmp_path, with_det
     restored = fit_to_step_8(path, tmp_path, with_detector)
     text = path.read_text()
     last_row = text.rstrip("\n").rsplit("\n", 1)[1]
-    assert last_row.startswith("8,1,total,")
+    assert last_row.startswith("8,2.0,total,")  # step 8 = 2 epochs completed
     path.write_text(text[:len(text) - len(last_row) // 2 - 1])  # a row cut mid-number
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -32,23 +32,17 @@ model.fit(..., callbacks=[cb])``); a writer left open by a failed fit is also cl
 the next ``on_train_begin``.
 
 Resuming. The CSV is the detector's memory: at ``on_train_begin`` a callback pointed at
-an existing CSV first compares the sidecar with its own model and settings and refuses
-another run's file (``ValueError`` saying what differs; a CSV of an older version,
-without a sidecar, is adopted with a warning and given one). It then restores each
-detector (snapshot index = number of rows of its group, g+ and g- from the last row, the
-first alert from the first row with alert = 1). Rows past the step the fit resumes from
-(snapshots of a trajectory the restored checkpoint discarded) are removed from the file,
-with a warning, and so are the rows of a last snapshot that lacks some group (a crash
-between its rows): the fit retakes that snapshot when it resumes at its step, and
-refuses with ``ValueError`` when it resumes later. A torn last line (a row cut short) is
-dropped the same way. With a ``tf.data.Dataset`` as ``data``, the dataset is advanced by
-the number of snapshots already recorded, so the snapshot k uses the same batch as in an
-uninterrupted run.
+an existing CSV checks its sidecar against its own model and settings (refusing another
+run's file; adopting, with a warning, an older version's without one), removes rows past
+the step the fit resumes from, a torn last line and the rows of an incomplete last
+snapshot (retaken when the fit resumes at its step, refused when later), each with a
+warning, and restores each detector by replaying its group's rows. A ``tf.data.Dataset``
+``data`` is advanced by the number of snapshots recorded. docs/monitoring.md, "Resuming
+a fit", has the details.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 import warnings
@@ -69,32 +63,21 @@ from keras_hesstrace.monitor.callback_setup import (
     resolve_detectors,
     resolve_groups,
 )
+from keras_hesstrace.monitor.callback_report import epochs_completed, say, summary_text, unusable_text
 from keras_hesstrace.monitor.csv_log import (TOTAL, check_csv_path, csv_columns, csv_identity,
-                                              open_snapshot_csv, replay_detectors)
-from keras_hesstrace.monitor.precision import float32_curvature, mixed_precision_layers
+                                              older_csv_columns, open_snapshot_csv, replay_detectors)
+from keras_hesstrace.monitor.precision import mixed_precision_layers
 from keras_hesstrace.monitor.snapshot_data import SnapshotBatches, check_snapshot_data
-from keras_hesstrace.monitor.snapshot_scoring import group_values, score_snapshot
-from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, check_tensorboard
-from keras_hesstrace.trace import layer_traces
+from keras_hesstrace.monitor.snapshot_scoring import group_values, score_snapshot, snapshot_traces
+from keras_hesstrace.monitor.tensorboard_log import TensorBoardScalars, alert_text, check_tensorboard
 
 if TYPE_CHECKING:
     from keras_hesstrace.monitor.calibration import Calibration
     from keras_hesstrace.monitor.page_hinkley import PageHinkley
 
-_logger = logging.getLogger("keras_hesstrace")
-
-
 def snapshot_seed(seed: int, step: int) -> int:
     """The probe seed of the snapshot at optimiser ``step``: distinct per snapshot."""
     return int(seed) * (2**32) + int(step)
-
-
-def _say(message):
-    """Print as Keras prints (stdout when interactive logging is on, else the logger)."""
-    if keras.config.is_interactive_logging_enabled():
-        print(message, flush=True)
-    else:
-        _logger.info(message)
 
 
 class HessianTraceCallback(keras.callbacks.Callback):
@@ -130,20 +113,28 @@ class HessianTraceCallback(keras.callbacks.Callback):
             first alert.
         seed: base probe seed, an integer in [0, 2**31 - 1]; the snapshot at step s
             uses ``snapshot_seed(seed, s)``. Defaults to 0.
-        verbose: 1 prints alerts.
+        verbose: 1 prints each alert and, at the end of each fit, a summary line
+            (snapshots taken, groups, last traces, alert or not), as Keras's callbacks
+            print (``keras.utils.io_utils.print_msg``); 0 prints nothing.
         loss: loss for the Hessian (default: the compiled loss).
         probes_per_call, max_batch_size, mode: passed to ``layer_traces`` (probes
             sharing one compiled call; the most examples per call, a larger ``data``
             batch being split into chunks averaged by size; the HVP mode). They
             change speed and memory, not the estimate.
 
+    Epochs: the ``epoch`` of the CSV, ``history`` and the printed lines is the number
+    of epochs completed at the snapshot, fractional (``step / steps_per_epoch`` for a
+    fit from step 0; ``keras_hesstrace.monitor.callback_report``).
+
     CSV columns: step, epoch, group, trace, stderr, num_probes, probe_seed, wall_time,
     status ("ok"; "nonfinite": the estimate was NaN/inf, written as NaN and skipped by
     the detector; "nonpositive": a value <= 0 that a ``transform="log"`` detector
     cannot take, kept in the CSV and skipped by the detector; "unreferenced": a value
     after a skipped reference snapshot, which a detector with a reference snapshot
-    cannot score), then z, g_pos, g_neg, alert when a detector is set (empty for groups
-    without one; z is NaN at the snapshots up to a detector's reference snapshot).
+    cannot score), then z, g_pos, g_neg, h (the threshold), alert (0 or 1) when a
+    detector is set (empty for groups without one; z is NaN at the snapshots up to a
+    detector's reference snapshot). A CSV written before the h column resumes in its
+    own layout.
 
     Reusing one instance across fits. A fit that starts, on the same model, at or after
     the last snapshot this instance recorded continues its record (``history``, the
@@ -223,6 +214,10 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._step = 0  # the optimiser step, counted in Python between reads
         self._epoch = None
         self._epoch_start_step = 0
+        self._steps_per_epoch = None  # Keras's params["steps"], or the first epoch's count
+        self._mid_line = False  # Keras's progress bar has an unfinished line
+        self._fit_steps = []  # steps of the snapshots this fit took
+        self._epoch_at = {}  # step -> epoch of the recorded snapshots
         self._first_epoch = True
         self._batches = SnapshotBatches(data)  # the dataset's position
         self._skip_batches = 0  # batches the next fit skips (snapshots already recorded)
@@ -269,8 +264,11 @@ class HessianTraceCallback(keras.callbacks.Callback):
         groups = self._names + [TOTAL]
         identity = csv_identity(self.model, groups, self.by, self.seed, self.every_n_steps,
                                 self.num_probes)
-        self._csv, rows = open_snapshot_csv(self.csv_path, csv_columns(bool(self.detectors)),
-                                            identity, step, self.every_n_steps)
+        with_detectors = bool(self.detectors)
+        self._csv, rows = open_snapshot_csv(self.csv_path, csv_columns(with_detectors), identity,
+                                            step, self.every_n_steps,
+                                            older_csv_columns(with_detectors))
+        self._epoch_at.update({int(r["step"]): float(r["epoch"]) for r in rows})
         if rows:
             replay_detectors(self.csv_path, rows, self.detectors, self._names)
             self._skip_batches = len({r["step"] for r in rows})
@@ -308,10 +306,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._batches.restart(self._skip_batches)  # fails now on an empty dataset
         self._epoch = None
         self._first_epoch = True
+        self._fit_steps = []
+        self._steps_per_epoch = (self.params or {}).get("steps") or None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
         self._epoch_start_step = self._step
+        self._mid_line = False
         if self._first_epoch:
             self._first_epoch = False
             check_overrun(self.detectors, self.params, epoch, self._step, self._last_recorded,
@@ -320,23 +321,35 @@ class HessianTraceCallback(keras.callbacks.Callback):
                 self._snapshot(self._step)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._mid_line = batch > 0 and (self.params or {}).get("verbose") == 1
         self._advance(self._epoch_start_step + batch)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # One read per epoch: the step after the epoch's last execution.
-        self._advance(int(self.model.optimizer.iterations.numpy()))
+        step = int(self.model.optimizer.iterations.numpy())
+        if not self._steps_per_epoch and step > self._epoch_start_step:
+            self._steps_per_epoch = step - self._epoch_start_step  # length unknown to Keras
+        self._mid_line = (self.params or {}).get("verbose") == 1  # Keras ends the bar's line next
+        self._advance(step, at_epoch_end=True)
 
-    def _advance(self, step):
+    def _advance(self, step, at_epoch_end=False):
         previous, self._step = self._step, step
         if step // self.every_n_steps > previous // self.every_n_steps:
-            self._snapshot(step)
+            self._snapshot(step, at_epoch_end)
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self.close()
+        try:
+            if self.verbose:
+                last = group_values(self.history[-1]["result"], self._names) if self.history else None
+                say(summary_text(self._fit_steps,
+                                 None if last is None else {g: v for g, (v, _) in last.items()},
+                                 self.detectors or {}, self._epoch_at.get, self.every_n_steps))
+        finally:
+            self.close()
 
     # --------------------------------------------------------------- snapshot
 
-    def _snapshot(self, step):
+    def _snapshot(self, step, at_epoch_end=False):
         """Measure, score, record, then warn and alert: one snapshot at ``step``."""
         if step <= self._last_recorded:
             return  # already recorded (a resumed or continued fit)
@@ -344,9 +357,13 @@ class HessianTraceCallback(keras.callbacks.Callback):
         result = self._traces(*self._batches.next(), probe_seed)
         wall = time.time()
         values = group_values(result, self._names)
-        rows, alerts, bad = score_snapshot(self.detectors, step, self._epoch, values,
+        epoch = epochs_completed(self._epoch, step, self._epoch_start_step,
+                                 self._steps_per_epoch, at_epoch_end)
+        rows, alerts, bad = score_snapshot(self.detectors, step, epoch, values,
                                            self.num_probes, probe_seed, wall)
-        self.history.append({"step": step, "epoch": self._epoch, "result": result})
+        self.history.append({"step": step, "epoch": epoch, "result": result})
+        self._epoch_at[step] = epoch
+        self._fit_steps.append(step)
         self._last_recorded = step
         self._record(step, rows, values)
         if bad:
@@ -355,18 +372,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
             self._alert(step, g, r)
 
     def _traces(self, x, y, probe_seed):
-        with warnings.catch_warnings():
-            # A non-finite estimate is reported once, by _snapshot, with the step.
-            warnings.filterwarnings("ignore", message="Non-finite Hessian trace",
-                                    category=RuntimeWarning)
-            if not self._mixed_layers:
-                return layer_traces(self.model, x, y, num_probes=self.num_probes,
-                                    by=self.by, seed=probe_seed, loss=self.loss,
-                                    verbose=0, **self._trace_options)
-            with float32_curvature(self.model, self._mixed_layers, self._float32_cache):
-                return layer_traces(self.model, x, y, num_probes=self.num_probes,
-                                    by=self.by, seed=probe_seed, loss=self.loss,
-                                    verbose=0, **self._trace_options)
+        return snapshot_traces(self.model, x, y, self._mixed_layers, self._float32_cache,
+                               num_probes=self.num_probes, by=self.by, seed=probe_seed,
+                               loss=self.loss, **self._trace_options)
 
     def _record(self, step, rows, values):
         if self._csv is not None:
@@ -376,23 +384,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
                                     self.detectors or {})
 
     def _warn_unusable(self, step, bad, loss):
-        warnings.warn(
-            f"HessianTraceCallback: step {step} (epoch {self._epoch}): unusable trace "
-            f"for group(s) {bad} (loss {loss:.4g}); written with status "
-            "'nonfinite' (trace NaN), 'nonpositive' or 'unreferenced' (after a skipped "
-            "reference snapshot), and skipped by the detector (snapshot index "
-            "advanced, g+ and g- unchanged).",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warnings.warn(unusable_text(step, self._epoch_at[step], bad, loss), RuntimeWarning,
+                      stacklevel=3)
 
     def _alert(self, step, g, r):
+        text = alert_text(g, step, self._epoch_at[step], r.statistic, self.detectors[g].threshold)
+        if self._tensorboard is not None:
+            self._tensorboard.write_alert(step, text)
         if self.verbose:
-            _say(
-                f"\nHessianTraceCallback: alert on group {g!r} at step {step} "
-                f"(epoch {self._epoch}): statistic {r.statistic:.3f} > "
-                f"{self.detectors[g].threshold:.3f}."
-            )
+            say(text, mid_line=self._mid_line)
+            self._mid_line = False
         if self.on_alert is not None:
             self.on_alert(self, g, step, r)
         if self.stop_on_alert:

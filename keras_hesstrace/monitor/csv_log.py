@@ -81,7 +81,10 @@ def cut_back(path: str | os.PathLike,
 TOTAL = "total"
 BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
                 "wall_time", "status"]
-DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "alert"]
+DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "h", "alert"]
+# The detector columns before the threshold h was written (a CSV with them still resumes,
+# and is appended to in its own layout).
+DETECTOR_COLUMNS_WITHOUT_H = ["z", "g_pos", "g_neg", "alert"]
 
 
 def check_csv_path(csv_path: str | os.PathLike) -> str:
@@ -108,6 +111,11 @@ def check_csv_path(csv_path: str | os.PathLike) -> str:
 def csv_columns(with_detectors: bool) -> list[str]:
     """The CSV header: the base columns, then the detector's when there is one."""
     return BASE_COLUMNS + (DETECTOR_COLUMNS if with_detectors else [])
+
+
+def older_csv_columns(with_detectors: bool) -> list[list[str]]:
+    """Headers of earlier versions that a resumed fit still accepts (appending in them)."""
+    return [BASE_COLUMNS + DETECTOR_COLUMNS_WITHOUT_H] if with_detectors else []
 
 
 def identity_path(csv_path: str) -> str:
@@ -173,11 +181,20 @@ def write_csv_identity(csv_path: str, identity: dict) -> None:
 
 
 class SnapshotCsv:
-    """A tidy CSV of snapshots at ``path`` with the header ``columns``."""
+    """A tidy CSV of snapshots at ``path`` with the header ``columns``.
 
-    def __init__(self, path: str, columns: Sequence[str]) -> None:
+    ``older``: earlier headers an existing file may have (each a subset of ``columns``);
+    such a file is kept in its layout: ``prepare`` sets ``columns`` to its header and
+    ``append`` writes only those of the rows' values (rows are given in ``expected``'s
+    order, the constructor's ``columns``).
+    """
+
+    def __init__(self, path: str, columns: Sequence[str],
+                 older: Sequence[Sequence[str]] = ()) -> None:
         self.path = path
+        self.expected = list(columns)
         self.columns = list(columns)
+        self.older = [list(h) for h in older]
 
     def prepare(self, step: int, groups: Sequence[str] | None = None,
                 every_n_steps: int | None = None) -> list[dict[str, str]]:
@@ -199,10 +216,12 @@ class SnapshotCsv:
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             with open(self.path, newline="") as f:
                 header = next(csv.reader(f), None)
-            if header is not None and header != self.columns:
+            if header is not None and header in self.older:
+                self.columns = header  # an earlier version's file: appended in its layout
+            elif header is not None and header != self.expected:
                 raise ValueError(
                     f"{self.path!r} has columns {header}, this callback writes "
-                    f"{self.columns}: use another csv_path."
+                    f"{self.expected}: use another csv_path."
                 )
             _, kept, later, torn = cut_back(self.path, step)
             if later:
@@ -219,7 +238,8 @@ class SnapshotCsv:
             rows = [dict(zip(self.columns, row)) for row in kept]
         new = not rows and not (os.path.exists(self.path) and os.path.getsize(self.path) > 0)
         if new:
-            self.append([self.columns])
+            self.columns = list(self.expected)
+            self._write([self.columns])
         return rows
 
     def _drop_partial_snapshot(self, kept, step, expected, every_n_steps):
@@ -260,14 +280,25 @@ class SnapshotCsv:
         return kept
 
     def append(self, rows: Sequence[Sequence]) -> None:
-        """Append ``rows`` (lists of values), flushed and closed before returning."""
+        """Append ``rows`` (lists of values in the order of the constructor's
+        ``columns``; only the file's columns are written), flushed and closed."""
+        if self.columns != self.expected:
+            keep = [self.expected.index(c) for c in self.columns]
+            rows = [[row[i] for i in keep] for row in rows]
+        self._write(rows)
+
+    def _write(self, rows):
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerows(rows)
 
 
 def open_snapshot_csv(path: str, columns: Sequence[str], identity: dict, step: int,
-                      every_n_steps: int) -> tuple[SnapshotCsv, list[dict[str, str]]]:
+                      every_n_steps: int, older: Sequence[Sequence[str]] = ()
+                      ) -> tuple[SnapshotCsv, list[dict[str, str]]]:
     """The callback's CSV at ``path``, prepared for a fit starting at ``step``.
+
+    ``older``: earlier headers accepted on resume (``older_csv_columns``): such a file
+    keeps its layout.
 
     An existing CSV is first checked against its sidecar (``check_csv_identity``), then
     cut back (``SnapshotCsv.prepare`` with ``identity["groups"]``); one without a sidecar
@@ -281,7 +312,7 @@ def open_snapshot_csv(path: str, columns: Sequence[str], identity: dict, step: i
     adopted = existing and check_csv_identity(path, identity)  # refuses another run's file
     if not existing:
         write_csv_identity(path, identity)
-    log = SnapshotCsv(path, columns)
+    log = SnapshotCsv(path, columns, older)
     rows = log.prepare(step, identity["groups"], every_n_steps)
     if adopted:
         write_csv_identity(path, identity)

@@ -11,15 +11,34 @@ skipped reference snapshot), both kept in the CSV and skipped by the detector.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import TYPE_CHECKING
 
 from keras_hesstrace.monitor.csv_log import TOTAL
+from keras_hesstrace.monitor.precision import float32_curvature
+from keras_hesstrace.trace import layer_traces
 
 if TYPE_CHECKING:
     from keras_hesstrace.monitor.page_hinkley import PageHinkley, PageHinkleyResult
     from keras_hesstrace.trace import GroupTraces
 
 _NAN = float("nan")
+
+
+def snapshot_traces(model, x, y, mixed_layers: list, float32_cache: dict, **options) -> GroupTraces:
+    """``layer_traces(model, x, y, verbose=0, **options)``, in float32 for the layers
+    ``mixed_layers`` (mixed precision; ``float32_cache`` keeps the functions traced).
+
+    The "Non-finite Hessian trace" warning is silenced: the callback reports a
+    non-finite estimate once, with its step.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Non-finite Hessian trace",
+                                category=RuntimeWarning)
+        if not mixed_layers:
+            return layer_traces(model, x, y, verbose=0, **options)
+        with float32_curvature(model, mixed_layers, float32_cache):
+            return layer_traces(model, x, y, verbose=0, **options)
 
 
 def group_values(result: GroupTraces, names: list[str]) -> dict[str, tuple[float, float]]:
@@ -31,7 +50,7 @@ def group_values(result: GroupTraces, names: list[str]) -> dict[str, tuple[float
 
 
 def score_snapshot(
-    detectors: dict[str, PageHinkley], step: int, epoch: int, values: dict[str, tuple[float, float]],
+    detectors: dict[str, PageHinkley], step: int, epoch: float, values: dict[str, tuple[float, float]],
     num_probes: int, probe_seed: int, wall: float,
 ) -> tuple[list[list], list[tuple[str, PageHinkleyResult]], list[str]]:
     """The CSV rows of one snapshot, its first alerts and its unusable groups.
@@ -40,7 +59,8 @@ def score_snapshot(
 
     Args:
         detectors: dict group -> ``PageHinkley`` (empty: no detector columns).
-        step, epoch, num_probes, probe_seed, wall: the snapshot's CSV fields.
+        step, epoch, num_probes, probe_seed, wall: the snapshot's CSV fields (``epoch``:
+            epochs completed, ``keras_hesstrace.monitor.callback_report.epochs_completed``).
         values: dict group -> (trace, stderr), from :func:`group_values`.
 
     Returns:
@@ -58,13 +78,13 @@ def score_snapshot(
         if detectors:
             det = detectors.get(g)
             if det is None:
-                extra = ["", "", "", ""]
+                extra = ["", "", "", "", ""]
             else:
                 if status == "ok" and not det.usable(value):
                     status = "unreferenced" if det.reference_missing else "nonpositive"
                     bad.append(g)
                 r = det.update(value, step=step) if status == "ok" else det.skip(value, step=step)
-                extra = [r.z, r.g_pos, r.g_neg, int(r.alert)]
+                extra = [r.z, r.g_pos, r.g_neg, det.threshold, int(r.alert)]
                 if r.first_alert:
                     alerts.append((g, r))
         rows.append(row + [status] + extra)
