@@ -88,7 +88,24 @@ def selected_groups(args):
     return None if not args.block else list(args.block)
 
 
+def with_total(frame, result, num_params=None):
+    """``frame`` (``GroupTraces.to_frame()``) with a last row ``total``: the whole-model trace and its stderr."""
+    import numpy as np
+    import pandas as pd
+
+    row = {column: np.nan for column in frame.columns}
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = abs(result.total_stderr / result.total) if result.total else float("nan")
+    row.update(trace=result.total, stderr=result.total_stderr, rel_stderr=rel,
+               num_params=int(np.sum(result.group_sizes)) if num_params is None else int(num_params), num_probes=result.num_probes,
+               gradient_norm=getattr(result, "gradient_norm", np.nan))
+    total = pd.DataFrame([{c: row[c] for c in frame.columns}], index=pd.Index(["total"], name=frame.index.name))
+    return pd.concat([frame, total.astype(frame.dtypes.to_dict(), errors="ignore")])
+
+
 def run_estimate(args):
+    import math
+
     import keras_hesstrace as kh
     from keras_hesstrace import plots
 
@@ -100,20 +117,22 @@ def run_estimate(args):
     print(result)
     out = out_dir(args)
     if out:
-        frame.to_csv(os.path.join(out, "traces.csv"))
+        trainable = sum(int(math.prod(v.shape)) for v in model.trainable_variables)
+        with_total(frame, result, trainable).to_csv(os.path.join(out, "traces.csv"))
         write_json(os.path.join(out, "estimate.json"), {
             **meta, "command": "estimate", "mode_used": getattr(result, "mode", args.mode),
             "num_probes": result.num_probes, "loss_value": result.loss,
             "total_trace": result.total, "total_stderr": result.total_stderr,
             "groups_table": frame.reset_index().to_dict(orient="records"),
         })
-        plots.plot_traces(frame, os.path.join(out, "traces.png"), title=f"Per-{args.by} Hessian trace ({result.num_probes} probes)")
+        plots.plot_traces(frame, os.path.join(out, "traces.png"), total=result.total, total_stderr=result.total_stderr, by=args.by,
+                          caption=plots.caption_from_meta(meta, probes=result.num_probes, mode_used=getattr(result, "mode", None)))
         print(f"wrote traces.csv, estimate.json, traces.png to {out}")
     return 0
 
 
 def run_eigen(args):
-    from keras_hesstrace import spectrum
+    from keras_hesstrace import plots, spectrum
 
     model, data, labels, loss, meta = prepare(args)
     result = spectrum.top_eigenvalues(
@@ -130,7 +149,9 @@ def run_eigen(args):
             "eigenvalues": result.eigenvalues, "residuals": result.residuals, "converged": result.converged,
             "num_hvps": result.num_hvps, "dimension": result.dimension, "loss_value": result.loss,
         })
-        print(f"wrote eigenvalues.csv, eigen.json to {out}")
+        plots.plot_eigenvalues(result, os.path.join(out, "eigenvalues.png"), caption=plots.caption_from_meta(
+            meta, k=args.k, method=result.method, which=result.which, tol=args.tol, max_iter=args.max_iter))
+        print(f"wrote eigenvalues.csv, eigen.json, eigenvalues.png to {out}")
     return 0
 
 
@@ -156,7 +177,8 @@ def run_density(args):
             "moments": {str(k): result.moment(k) for k in (1, 2)}, "notes": list(result.notes),
             "nodes": result.nodes, "weights": result.weights, "loss_value": result.loss,
         })
-        plots.plot_density(result, os.path.join(out, "density.png"))
+        plots.plot_density(result, os.path.join(out, "density.png"), caption=plots.caption_from_meta(
+            meta, runs=result.num_runs, lanczos_steps=result.lanczos_steps, sigma=f"{result.sigma:.3g}"))
         print(f"wrote nodes.csv, density.csv, density.json, density.png to {out}")
     return 0
 
@@ -179,6 +201,7 @@ def run_landscape(args):
             "coordinates": list(result.coordinates), "losses": result.losses, "origin_loss": result.origin_loss,
             "eigenvalues": result.eigenvalues,
         })
-        plots.plot_landscape(result, os.path.join(out, "landscape.png"))
+        plots.plot_landscape(result, os.path.join(out, "landscape.png"), caption=plots.caption_from_meta(
+            meta, directions=args.directions, grid=args.grid, span=args.span))
         print(f"wrote landscape.csv, landscape.json, landscape.png to {out}")
     return 0

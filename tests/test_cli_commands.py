@@ -317,3 +317,126 @@ def test_estimate_records_the_mode(saved, capsys):
     assert code == 0, err
     payload = json.loads((out_dir / "estimate.json").read_text())
     assert payload["mode"] == "forward" and payload["mode_used"] == "forward"
+
+
+# ------------------------------------------------------------------ the plots' contents (issue 15)
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The Figures the commands write, with their paths (plots.save_figure still writes them)."""
+    from keras_hesstrace import plots
+
+    written = []
+    real = plots.save_figure
+
+    def record(fig, path, dpi="figure"):
+        written.append((os.path.basename(str(path)), fig))
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", record)
+    return written
+
+
+def _legend_labels(fig):
+    return [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+
+
+def test_estimate_traces_csv_ends_with_the_total_row(saved, capsys, figures):
+    import pandas as pd
+
+    out_dir = saved / "est-total"
+    code, out, err = _run(["estimate", str(saved / "m.keras"), *SMALL, "--num-probes", "4", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    table = pd.read_csv(out_dir / "traces.csv", index_col="group")
+    payload = json.loads((out_dir / "estimate.json").read_text())
+    assert list(table.index) == ["conv", "head", "total"]
+    assert table.loc["total", "trace"] == pytest.approx(payload["total_trace"], rel=1e-12)
+    assert table.loc["total", "stderr"] == pytest.approx(payload["total_stderr"], rel=1e-12)
+    # the layers cover every variable: their traces add up to the total, their sizes to the model's
+    assert table.loc[["conv", "head"], "trace"].sum() == pytest.approx(table.loc["total", "trace"], rel=1e-9)
+    assert table.loc["total", "num_params"] == keras.saving.load_model(saved / "m.keras").count_params()
+    assert table.loc["total", "num_probes"] == 4
+    # the JSON's per-group table is unchanged (no total row there)
+    assert [row["group"] for row in payload["groups_table"]] == ["conv", "head"]
+    (name, fig), = figures
+    assert name == "traces.png"
+    caption = keras_hesstrace.plots.caption_of(fig)
+    for needle in ("model m.keras", "data digits", "64 examples", "probes 4", "seed 0", "HVP mode"):
+        assert needle in caption, needle
+    assert "total tr(H) = " in fig.axes[0].get_title()
+    assert any("± 2 SE" in label for label in _legend_labels(fig))
+
+
+def test_with_total_matches_the_result():
+    import keras_hesstrace as kh
+
+    result = kh.GroupTraces(groups=("a", "b"), samples=np.array([[1.0, 2.0], [3.0, 6.0]]),
+                            total_samples=np.array([3.0, 9.0]), group_sizes=np.array([2, 3]), loss=0.5)
+    table = commands.with_total(result.to_frame(), result)
+    assert list(table.index) == ["a", "b", "total"]
+    assert table.loc["total", "trace"] == result.total == 6.0
+    assert table.loc["total", "stderr"] == pytest.approx(result.total_stderr)
+    assert table.loc["total", "num_params"] == 5 and table["num_params"].dtype.kind == "i"
+    assert list(result.to_frame().index) == ["a", "b"]  # to_frame itself is unchanged
+
+
+def test_eigen_writes_a_stem_plot_with_residuals_and_a_caption(saved, capsys, figures):
+    out_dir = saved / "eig-png"
+    code, out, err = _run(["eigen", str(saved / "m.keras"), *SMALL, "--k", "3", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    assert (out_dir / "eigenvalues.png").read_bytes()[:4] == b"\x89PNG"
+    assert "eigenvalues.png" in out
+    (name, fig), = figures
+    caption = keras_hesstrace.plots.caption_of(fig)
+    for needle in ("model m.keras", "data digits", "k 3", "method lanczos", "seed 0"):
+        assert needle in caption, needle
+    payload = json.loads((out_dir / "eigen.json").read_text())
+    assert f"λ₁ = {payload['eigenvalues'][0]:.3g}" in fig.axes[0].get_title()
+    assert any("residual" in label for label in _legend_labels(fig))
+
+
+def test_density_and_landscape_plots_name_the_run_and_explain_their_marks(saved, capsys, figures):
+    code, _, err = _run(["density", str(saved / "m.keras"), *SMALL, "--lanczos-steps", "8", "--out", str(saved / "den-c")], capsys)
+    assert code == 0, err
+    code, _, err = _run(["landscape", str(saved / "m.keras"), *SMALL, "--grid", "3", "--span", "0.1",
+                         "--out", str(saved / "land-c")], capsys)
+    assert code == 0, err
+    (dname, density), (lname, land) = figures
+    assert (dname, lname) == ("density.png", "landscape.png")
+    for fig in (density, land):
+        caption = keras_hesstrace.plots.caption_of(fig)
+        assert "model m.keras" in caption and "data digits" in caption and "seed 0" in caption
+    assert any(label.startswith("Ritz values") for label in _legend_labels(density))
+    assert any(label.startswith("trained weights") for label in _legend_labels(land))
+
+
+def test_the_landscape_colour_scale_is_logarithmic_when_the_loss_spans_decades():
+    from matplotlib.colors import LogNorm
+
+    from keras_hesstrace import plots
+    from keras_hesstrace.landscape import LandscapeResult
+
+    a = np.linspace(-1, 1, 9)
+    wide = 0.01 + 100 * (a[:, None] ** 2 + a[None, :] ** 2)  # 0.01 .. 200
+    fig = plots.landscape_figure(LandscapeResult((a, a), wide, 0.01, [], "random"), caption="model x.keras")
+    contour = fig.axes[0].collections[0]
+    assert isinstance(contour.norm, LogNorm)
+    assert "trained weights (loss 0.01)" in _legend_labels(fig)
+    narrow = 1.0 + 0.1 * (a[:, None] ** 2 + a[None, :] ** 2)
+    fig = plots.landscape_figure(LandscapeResult((a, a), narrow, 1.0, [], "random"))
+    assert not isinstance(fig.axes[0].collections[0].norm, LogNorm)
+    assert plots.caption_of(fig) == ""
+
+
+def test_trace_plot_goes_log_when_the_estimates_span_decades():
+    import pandas as pd
+
+    from keras_hesstrace import plots
+
+    frame = pd.DataFrame({"trace": [0.01, 3.0, 500.0], "stderr": [0.001, 0.5, 20.0]},
+                         index=pd.Index(["a", "b", "c"], name="group"))
+    fig = plots.traces_figure(frame, by="layer")
+    assert fig.axes[0].get_xscale() == "log" and "largest 'c'" in fig.axes[0].get_title()
+    frame.loc["b", "trace"] = -1.0
+    assert plots.traces_figure(frame).axes[0].get_xscale() == "linear"

@@ -152,61 +152,149 @@ def run_demo(out="hesstrace-demo", epochs=10, clean_runs=4, noise_rate=0.4, ever
                                                   "calibration.json")}}
 
 
+def demo_caption(config, cal, phase1, noisy):
+    """The demo figure's caption: the data, model, training, snapshot and rule settings."""
+    r = cal["head"]
+    data = "scikit-learn's 8x8 digits" + (f" ({config.train_examples} training examples)"
+                                          if config.train_examples else "")
+    seeds = ", ".join(str(s.seed) for s in phase1)
+    return (f"{config.archs[0]} on {data}, {config.epochs} epochs, batch {config.batch_size}, SGD lr "
+            f"{config.learning_rate:g} momentum {config.momentum:g} weight decay {config.weight_decay:g}, "
+            f"loss sparse categorical cross-entropy · traces every {config.every_n_steps} steps, "
+            f"{config.num_probes} Rademacher probes on a fixed batch of {config.probe_batch_size} training "
+            f"images (band and shading: ±1 sd / ±1 SE) · calibration: {len(phase1)} clean runs (seeds {seeds}), "
+            f"{config.transform or 'raw'} trace floored at {config.log_floor:g}, Page–Hinkley δ = {cal.delta:.3g}, "
+            f"h = {r.threshold:.3g} for an in-control run length of {config.target_arl0:g} snapshots · "
+            f"monitored run: η = {noisy.noise_rate:g} symmetric label noise, seed {noisy.seed}")
+
+
 def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
+    """demo.png: the head trace against the clean band, the rule's statistic against h, every layer.
+
+    Returns the Figure (already written to ``path``).
+    """
     import matplotlib
     import pandas as pd
+    from matplotlib import ticker
 
-    from keras_hesstrace.plots import new_figure, save_figure
+    from keras_hesstrace.plots import add_caption, new_figure, save_figure
 
     r = cal["head"]
-    fig = new_figure(figsize=(9, 11.5))
+    plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
+    # minor ticks labelled (2, 5 x 10^k) only where a log axis spans less than two decades
+    def plain_minor():
+        return ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+    fig = new_figure(figsize=(9, 12))
     axes = fig.subplots(3, 1, sharex=True)
+
+    # 1. The head layer's trace: the clean runs thin and grey, their band, the noisy run.
     ax = axes[0]
+    clean_steps = None
     for i, spec in enumerate(phase1):
         steps, values = read_trajectory(
             os.path.join(run_folder(out, spec), "traces.csv"), "head")
-        ax.plot(steps / spe, values, color="tab:blue", lw=1, alpha=0.7,
-                label="clean runs (calibration)" if i == 0 else None)
+        clean_steps = steps if clean_steps is None or len(steps) > len(clean_steps) else clean_steps
+        ax.plot(steps / spe, values, color="0.55", lw=0.8, alpha=0.8,
+                label=f"clean runs ({len(phase1)}, calibration)" if i == 0 else None)
+    base = r.baseline
+    n = min(len(base.mean), len(clean_steps))
+    mean, sd = np.asarray(base.mean[:n], float), np.asarray(base.std[:n], float)
+    if base.transform == "log":
+        centre, lo, hi = np.exp(mean), np.exp(mean - sd), np.exp(mean + sd)
+    else:
+        centre, lo, hi = mean, mean - sd, mean + sd
+    x_band = clean_steps[:n] / spe
+    ax.fill_between(x_band, lo, hi, color="tab:blue", alpha=0.18, lw=0,
+                    label="clean band: baseline mean ± 1 sd" + (" (of log trace)" if base.transform == "log" else ""))
+    ax.plot(x_band, centre, color="tab:blue", lw=1.4, label="clean baseline mean")
     head = frame[frame["group"] == "head"].sort_values("step")
-    ax.plot(head["step"] / spe, head["trace"], color="tab:red", lw=1.8,
-            label=f"noisy labels, η = {noisy.noise_rate:.1f}")
+    x = head["step"].to_numpy() / spe
+    tr = head["trace"].to_numpy(dtype=float)
+    se = head["stderr"].to_numpy(dtype=float) if "stderr" in head else np.zeros_like(tr)
+    positive = tr[np.isfinite(tr) & (tr > 0)]
+    bottom = float(min(positive.min(), np.nanmin(lo[lo > 0]) if np.any(lo > 0) else positive.min())) / 2 if positive.size else 1e-3
+    ax.fill_between(x, np.maximum(tr - se, bottom), tr + se, color="tab:red", alpha=0.2, lw=0,
+                    label="noisy run ± 1 SE (probes)")
+    ax.plot(x, tr, color="tab:red", lw=1.8, label=f"noisy labels, η = {noisy.noise_rate:.1f}")
+    if config.log_floor is not None and config.log_floor > bottom:
+        ax.axhline(config.log_floor, color="0.3", lw=0.8, ls=":",
+                   label=f"floor {config.log_floor:g} (smaller traces count as it)")
     if alert_step is not None:
         v = float(head.loc[head["step"] == alert_step, "trace"].iloc[0])
         ax.plot(alert_step / spe, v, "v", ms=12, color="tab:red", mec="black", zorder=5,
-                label=f"alert (epoch {alert_step / spe:.1f})")
+                label=f"alert: step {alert_step} (epoch {alert_step / spe:.1f})")
     ax.set_yscale("log")
-    ax.set_ylabel("Hessian trace, layer 'head'")
-    ax.set_title("Head-layer Hessian trace: clean runs vs a noisy-label run", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+    ax.set_ylim(bottom=bottom)
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain_minor())
+    ax.set_ylabel("Hessian trace, layer 'head' (log scale)")
+    k = min(len(tr), n) - 1
+    ratio = tr[k] / centre[k] if k >= 0 and centre[k] > 0 else float("nan")
+    ax.set_title(f"Head-layer Hessian trace: the noisy run ends at {ratio:.3g}× the clean mean "
+                 f"(epoch {x[k]:.1f})", fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left", ncol=2)
+    ax.grid(True, alpha=0.3, which="both")
 
+    # 2. The Page-Hinkley statistic against h.
     ax = axes[1]
-    stat = np.maximum(head["g_pos"].astype(float), head["g_neg"].astype(float))
-    ax.plot(head["step"] / spe, stat, color="tab:red", lw=1.5, label="noisy run")
-    ax.axhline(r.threshold, color="black", ls="--", label=f"threshold h = {r.threshold:.2f}")
+    stat = np.maximum(head["g_pos"].astype(float), head["g_neg"].astype(float)).to_numpy()
+    h = r.threshold
+    top = float(np.nanmax(stat)) if np.isfinite(stat).any() else h
+    ax.axhline(h, color="black", ls="--", label=f"threshold h = {h:.3g}")
+    if top <= 10 * h:
+        ax.plot(x, stat, color="tab:red", lw=1.5, marker=".", ms=4, label="max(g⁺, g⁻), noisy run")
+        ax.set_ylim(0, max(1.15 * top, 1.5 * h))
+        scale = ""
+    else:
+        floor = h / 100
+        ax.plot(x, np.maximum(stat, floor), color="tab:red", lw=1.5, marker=".", ms=4,
+                label=f"max(g⁺, g⁻), noisy run (values < {floor:.2g} drawn at the axis floor)")
+        ax.set_yscale("log")
+        ax.set_ylim(floor, 2 * top)
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain_minor())
+        scale = " (log scale)"
+    ax.annotate(f"h = {h:.3g}", (x[0], h), xytext=(2, 3), textcoords="offset points", fontsize=8)
     if alert_step is not None:
         ax.axvline(alert_step / spe, color="tab:red", ls=":", lw=1)
-    ax.set_ylim(0, 4 * r.threshold)
-    ax.set_ylabel("Page–Hinkley statistic max(g⁺, g⁻)")
-    ax.set_title("Detection statistic of the noisy run (the axis stops at 4h; the statistic "
-                 "keeps rising)", fontsize=10)
-    ax.legend(fontsize=8)
-    ax.grid(True, alpha=0.3)
+        sa = float(stat[head["step"].to_numpy() == alert_step][0])
+        ax.plot(alert_step / spe, sa if scale == "" else max(sa, h / 100), "v", ms=11, color="tab:red", mec="black",
+                zorder=5, label=f"alert: first snapshot past h (step {alert_step}, epoch {alert_step / spe:.1f})")
+        title = (f"Page–Hinkley statistic: alert at step {alert_step} (epoch {alert_step / spe:.1f}); "
+                 f"it reaches {top:.3g} = {top / h:.3g}h")
+    else:
+        title = f"Page–Hinkley statistic: no alert in {len(stat)} snapshots (largest {top:.3g} < h = {h:.3g})"
+    ax.set_ylabel("Page–Hinkley statistic" + scale)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7.5, loc="upper left")
+    ax.grid(True, alpha=0.3, which="both")
 
+    # 3. Every layer, noisy (solid, ±1 SE) and one clean run (dashed).
     ax = axes[2]
     clean = pd.read_csv(os.path.join(run_folder(out, phase1[0]), "traces.csv"))
     colours = matplotlib.colormaps["tab10"]
+    hidden = 0
     for k, g in enumerate(dict.fromkeys(frame["group"])):
         f = frame[frame["group"] == g].sort_values("step")
         c = clean[clean["group"] == g].sort_values("step")
-        ax.plot(f["step"] / spe, f["trace"], color=colours(k), lw=1.5, label=f"{g} (noisy)")
-        ax.plot(c["step"] / spe, c["trace"], color=colours(k), lw=1, ls="--",
+        fv, cv = f["trace"].to_numpy(dtype=float), c["trace"].to_numpy(dtype=float)
+        hidden += int(np.sum(fv <= 0) + np.sum(cv <= 0))
+        fx = f["step"].to_numpy() / spe
+        if "stderr" in f:
+            fse = f["stderr"].to_numpy(dtype=float)
+            ax.fill_between(fx, np.where(fv - fse > 0, fv - fse, np.nan), fv + fse, color=colours(k), alpha=0.15, lw=0)
+        ax.plot(fx, np.where(fv > 0, fv, np.nan), color=colours(k), lw=1.5, label=f"{g} (noisy)")
+        ax.plot(c["step"] / spe, np.where(cv > 0, cv, np.nan), color=colours(k), lw=1, ls="--",
                 label=f"{g} (clean seed {phase1[0].seed})")
-    ax.set_yscale("symlog", linthresh=1.0)
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain_minor())
     ax.set_xlabel("epoch")
-    ax.set_ylabel("Hessian trace per layer")
-    ax.set_title("Every layer's trace from the same probes (solid: noisy run, dashed: a "
-                 "clean run)", fontsize=10)
+    ax.set_ylabel("Hessian trace per layer (log scale)")
+    ax.set_title("Every layer's trace from the same probes (solid: noisy run ± 1 SE, dashed: a clean run)"
+                 + (f"; {hidden} estimates ≤ 0 not drawn" if hidden else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.15))
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, alpha=0.3, which="both")
+    add_caption(fig, demo_caption(config, cal, phase1, noisy))
     save_figure(fig, path, dpi=100)
+    return fig
