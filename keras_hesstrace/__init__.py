@@ -19,44 +19,78 @@ Public API:
 """
 
 import importlib as _importlib
-import os as _os
 import sys as _sys
+import types as _types
 
-# The command line quiets TensorFlow's C++ info and warning logs. TensorFlow reads the
-# variable once, when it is first imported, which the next lines do: so it is set here, for
-# the `keras-hesstrace` console script only, and a user's own setting wins. (TF 2.21 prints
-# a few lines before its logging starts, "oneDNN custom operations are on" among them, even
-# with TF_CPP_MIN_LOG_LEVEL=3 set in the shell: those no setting silences.)
-if _os.path.basename(_sys.argv[0] if _sys.argv else "") == "keras-hesstrace":
-    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Cheap: reads the configured Keras backend without importing Keras (KERAS_BACKEND, keras.json,
+# or an already imported keras) and refuses any but TensorFlow; it also sets the oneDNN default,
+# which TensorFlow reads when it is first imported. TensorFlow itself is imported on first use
+# of an estimator (below), so that `keras-hesstrace --help` and the experiments' settings load
+# in a fraction of a second.
+from keras_hesstrace import _backend as _backend_module
 
-from keras_hesstrace._backend import check_backend as _check_backend  # noqa: E402
-
-_check_backend()
-
-from keras_hesstrace import variance  # noqa: E402
-from keras_hesstrace.landscape import loss_landscape  # noqa: E402
-from keras_hesstrace.spectrum import diagonal, hessian_trace, spectral_density, top_eigenvalues  # noqa: E402
-from keras_hesstrace.spectrum_results import DiagonalResult, EigenResult, SpectralDensity, TraceEstimate  # noqa: E402
-from keras_hesstrace.groups import layer_groups  # noqa: E402
-from keras_hesstrace.hvp import HessianOperator, hessian_operator, hvp  # noqa: E402
-from keras_hesstrace.trace import GroupTraces, layer_traces  # noqa: E402
+_backend_module.check_configured_backend()
 
 from keras_hesstrace._version import __version__  # noqa: E402
 
-# Subpackages imported on first use (kh.monitor, kh.data, ...), so that importing the
-# estimators does not load tensorflow-datasets, pandas-heavy monitoring or the experiments.
-_LAZY = ("monitor", "data", "models", "stats", "experiments", "plots")
+# Each public name and the module that defines it, imported on first use (PEP 562).
+_PUBLIC = {
+    "hvp": "keras_hesstrace.hvp",
+    "HessianOperator": "keras_hesstrace.hvp",
+    "hessian_operator": "keras_hesstrace.hvp",
+    "layer_traces": "keras_hesstrace.trace",
+    "GroupTraces": "keras_hesstrace.trace",
+    "layer_groups": "keras_hesstrace.groups",
+    "top_eigenvalues": "keras_hesstrace.spectrum",
+    "hessian_trace": "keras_hesstrace.spectrum",
+    "spectral_density": "keras_hesstrace.spectrum",
+    "diagonal": "keras_hesstrace.spectrum",
+    "loss_landscape": "keras_hesstrace.landscape",
+    "EigenResult": "keras_hesstrace.spectrum_results",
+    "TraceEstimate": "keras_hesstrace.spectrum_results",
+    "SpectralDensity": "keras_hesstrace.spectrum_results",
+    "DiagonalResult": "keras_hesstrace.spectrum_results",
+}
+# Subpackages and modules that are attributes, imported on first use (kh.monitor, kh.data, ...),
+# so that importing the estimators does not load tensorflow-datasets, pandas-heavy monitoring
+# or the experiments.
+_LAZY = ("variance", "monitor", "data", "models", "stats", "experiments", "plots")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return _importlib.import_module(f"{__name__}.{name}")
-    if name == "TraceResult":
-        from keras_hesstrace import trace
-
-        return trace.TraceResult
+    if name in _PUBLIC or name in _LAZY or name == "TraceResult":
+        if name != "experiments":  # the experiments' settings need no Keras (the CLI reads them)
+            _backend_module.check_backend()  # once: Keras 3 on TensorFlow, before the estimators load
+        if name in _LAZY:
+            return _importlib.import_module(f"{__name__}.{name}")
+        if name == "TraceResult":
+            return getattr(_importlib.import_module("keras_hesstrace.trace"), "TraceResult")
+        value = getattr(_importlib.import_module(_PUBLIC[name]), name)
+        globals()[name] = value  # later lookups are plain attribute reads
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | set(_LAZY))
+
+
+class _Package(_types.ModuleType):
+    """The package module, so that ``keras_hesstrace.hvp`` stays the function.
+
+    Importing the submodule ``keras_hesstrace.hvp`` (which every estimator does) makes
+    Python set the package's attribute ``hvp`` to that module; the public ``kh.hvp`` is the
+    function of the same name, as it was when the package imported it eagerly.
+    """
+
+    def __setattr__(self, name, value):
+        if name == "hvp" and isinstance(value, _types.ModuleType) and hasattr(value, "hvp"):
+            value = value.hvp
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package
+
 
 __all__ = [
     "HessianOperator",

@@ -1,15 +1,93 @@
 """The ``keras-hesstrace`` command line."""
 
 import argparse
+import contextlib
+import importlib.abc
+import importlib.util
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 
-from keras_hesstrace import cli_commands as commands  # the analysis commands
+# Nothing here imports TensorFlow: `keras-hesstrace --help` and every refused flag answer in a
+# fraction of a second. The commands import what they need (cli_commands, the experiments'
+# runner) when they run, after the flags were checked.
 from keras_hesstrace.cli_inputs import CLIError, first_line, writable_folder
 
-# TensorFlow's C++ start-up chatter is quieted by the package's __init__ for this console
-# script: it has to happen before TensorFlow is imported, which is before this module runs.
+# keras_hesstrace.hvp's MODES and DEFAULT_MODE, without importing TensorFlow for them
+# (tests/test_cli.py checks they agree).
+MODES = ("auto", "forward", "reverse")
+DEFAULT_MODE = "auto"
+
+# TensorFlow's C++ log level while a command runs, unless --verbose or the user's own setting:
+# 3 hides its C++ errors too, which on a CPU are notices ("oneDNN supports DT_INT32 only on
+# platforms with AVX-512"); a real failure still raises a Python exception, printed as one line.
+QUIET_TF_LOG_LEVEL = "3"
+
+
+def __getattr__(name):
+    if name == "commands":  # the analysis commands (cli_commands), imported on first use
+        from keras_hesstrace import cli_commands
+
+        return cli_commands
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _command(name):
+    """The analysis command ``cli_commands.<name>``, looked up when it runs."""
+    def run(args):
+        from keras_hesstrace import cli_commands
+
+        return getattr(cli_commands, name)(args)
+    run.__name__ = name
+    return run
+
+
+# ===================================================================== flag checks
+
+
+def _number(kind, minimum=None, maximum=None, low_open=False, high_open=False):
+    """An argparse type: a ``kind`` (int or float) in a range; its message names the range.
+
+    Refused at parse time, so a bad flag is one line and exit 2 before anything is loaded.
+    """
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        too_low = minimum is not None and (value <= minimum if low_open else value < minimum)
+        too_high = maximum is not None and (value >= maximum if high_open else value > maximum)
+        if too_low or too_high:
+            if minimum is not None and maximum is not None:
+                span = f"in {'(' if low_open else '['}{minimum}, {maximum}{')' if high_open else ']'}"
+            elif minimum is not None:
+                span = f"{'>' if low_open else '>='} {minimum}"
+            else:
+                span = f"{'<' if high_open else '<='} {maximum}"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+COUNT = _number(int, 1)  # a whole number >= 1
+POSITIVE = _number(float, 0, low_open=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line: what is wrong and where to look."""
+
+    def error(self, message):
+        import re
+
+        message = re.sub(r"^argument (\S+): must be ", r"\1 must be ", message)  # --num-probes must be >= 1, ...
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _demo(args):
@@ -49,12 +127,88 @@ def _parse_field(kind):
     return kind
 
 
+def _metavar(kind):
+    """A metavar for an ExperimentConfig field annotation."""
+    import typing
+
+    args = typing.get_args(kind)
+    if typing.get_origin(kind) is typing.Union:
+        return _metavar(next(a for a in args if a is not type(None)))
+    if typing.get_origin(kind) in (list, typing.List):
+        return f"{_metavar(args[0])},..."
+    return {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE")
+
+
+def _show(value):
+    """A setting's value as the flag takes it (lists comma-separated)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "none" if value is None else str(value)
+
+
+# Fields documented together in ExperimentConfig's docstring, each said on its own.
+_OWN_HELP = {
+    "epochs": "training epochs per run",
+    "batch_size": "SGD mini-batch size",
+    "learning_rate": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "the L2 coefficient lambda (gradient lambda * W)",
+}
+
+
+def field_help(cls):
+    """One line of help per field, from the ``Attributes:`` section of ``cls``'s docstring.
+
+    The first sentence of each entry, without reST markup; fields documented together
+    (``a, b: ...``) share it unless ``_OWN_HELP`` says each on its own.
+    """
+    import inspect
+    import re
+
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    entries, names = {}, None
+    if "Attributes:" in lines:
+        for line in lines[lines.index("Attributes:") + 1:]:
+            match = re.match(r"^    ([a-z_0-9]+(?:, [a-z_0-9]+)*): ?(.*)$", line)
+            if match:
+                names = match.group(1).split(", ")
+                for name in names:
+                    entries[name] = match.group(2)
+            elif line.startswith("        ") and names:
+                for name in names:
+                    entries[name] += " " + line.strip()
+            elif line.strip():
+                names = None
+    helps = {}
+    for name, text in entries.items():
+        text = re.sub(r"``|:[a-z]+:`([^`]*)`", lambda m: m.group(1) or "", text).strip()
+        first = re.split(r"(?<=[.;])\s+(?=[A-Z(])", text)[0].rstrip(".;")
+        helps[name] = first
+    helps.update(_OWN_HELP)
+    return helps
+
+
+def _flag_of_setting(message, names, given=()):
+    """The flag of the setting that ``message`` (a config's ValueError) names, or None.
+
+    Of several, the first the user gave as a flag (``given``), else the first named.
+    """
+    import re
+
+    named = [n for n in re.findall(r"[a-z][a-z0-9_]*", message) if n in names]
+    for name in [n for n in named if n in given] + named:
+        return "--" + name.replace("_", "-")
+    return None
+
+
 def _experiment(args):
     """Run (or resume) the memorisation experiment and write its Table-1 summary."""
     import dataclasses
     import json
 
-    from keras_hesstrace import experiments as mem
+    from keras_hesstrace.experiments import config as mem  # the settings: no TensorFlow yet
 
     settings = {}
     if args.config:
@@ -64,9 +218,15 @@ def _experiment(args):
     config = mem.preset(name, **settings)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(mem.ExperimentConfig)
                  if hasattr(args, f.name)}  # flags given (absent ones are suppressed)
-    if overrides:
-        config = mem.ExperimentConfig.from_dict({**config.to_dict(), **overrides})
-    config.validate()
+    try:
+        if overrides:
+            config = mem.ExperimentConfig.from_dict({**config.to_dict(), **overrides})
+        config.validate()
+    except ValueError as err:  # name the flag as well as the setting
+        flag = _flag_of_setting(str(err), {f.name for f in dataclasses.fields(mem.ExperimentConfig)}, overrides)
+        if flag is None:
+            raise
+        raise CLIError(f"{flag}: {first_line(err)}") from None
     if args.show_config:
         print(json.dumps(config.to_dict(), indent=1))
         return 0
@@ -74,10 +234,12 @@ def _experiment(args):
         print(json.dumps(mem.plan(config, args.step_seconds, args.hvp_seconds), indent=1))
         return 0
     out = writable_folder(args.out or os.path.join("runs", config.name), "--out")
+    from keras_hesstrace import experiments
+
     if args.summarize_only:
-        mem.summarize(config, out)
+        experiments.summarize(config, out)
         return 0
-    mem.run_experiment(config, out)
+    experiments.run_experiment(config, out)
     return 0
 
 
@@ -87,8 +249,6 @@ TRACEBACK_ENV = "KERAS_HESSTRACE_TRACEBACK"
 
 
 def _common(p):
-    from keras_hesstrace.hvp import DEFAULT_MODE, MODES
-
     p.add_argument("model", metavar="MODEL.keras", help="a model saved with model.save('model.keras')")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE",
                    help="import MODULE (a dotted name importable from the current directory, or a path to a .py "
@@ -99,8 +259,8 @@ def _common(p):
     p.add_argument("--data", required=True, metavar="SOURCE",
                    help="'digits' (scikit-learn's bundled 8x8 digits, offline), a tensorflow-datasets name that is "
                         "prepared on disk (cifar10, cifar100; never downloaded), or an .npz file with arrays x and y")
-    p.add_argument("--num-examples", type=int, default=512, metavar="N", help="use the first N examples (default 512)")
-    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+    p.add_argument("--num-examples", type=COUNT, default=512, metavar="N", help="use the first N examples (default 512)")
+    p.add_argument("--batch-size", type=COUNT, default=None, metavar="B",
                    help="split the examples into batches of B; every Hessian-vector product averages over all of "
                         "them (default: one batch of all N)")
     p.add_argument("--loss", default=None, metavar="NAME",
@@ -119,32 +279,36 @@ def _common(p):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    from keras_hesstrace._version import __version__
+
+    parser = _Parser(
         prog="keras-hesstrace",
         description="Layer-wise Hessian traces of Keras models: one Hessian-vector product per probe gives every layer's trace. "
                     "Also the PyHessian toolset (top eigenvalues, spectral density, loss landscape) on a saved model.",
         epilog="Example: keras-hesstrace demo; keras-hesstrace estimate model.keras --data digits --out results/. "
                "'keras-hesstrace COMMAND --help' explains each command.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     demo = sub.add_parser(
         "demo",
         help="offline demo on the bundled digits: calibrate on clean runs, alert on a "
              "noisy-label run (a few minutes on 2 CPU cores)")
     demo.add_argument("--out", default="hesstrace-demo",
                       help="output folder: CSV, TensorBoard logs, calibration, PNG (default hesstrace-demo)")
-    demo.add_argument("--epochs", type=int, default=10, help="epochs per run (default 10)")
-    demo.add_argument("--clean-runs", type=int, default=4,
+    demo.add_argument("--epochs", type=COUNT, default=10, help="epochs per run (default 10)")
+    demo.add_argument("--clean-runs", type=_number(int, 3), default=4,
                       help="clean calibration runs, >= 3 (default 4)")
-    demo.add_argument("--noise-rate", type=float, default=0.4,
-                      help="label noise of the monitored run (default 0.4)")
-    demo.add_argument("--every-n-steps", type=int, default=22,
+    demo.add_argument("--noise-rate", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.4,
+                      help="label noise of the monitored run, in (0, 1) (default 0.4)")
+    demo.add_argument("--every-n-steps", type=COUNT, default=22,
                       help="optimiser steps between trace snapshots (default 22, two per epoch)")
-    demo.add_argument("--num-probes", type=int, default=10, help="Hutchinson probes per snapshot (default 10)")
-    demo.add_argument("--probe-batch-size", type=int, default=256,
+    demo.add_argument("--num-probes", type=COUNT, default=10, help="Hutchinson probes per snapshot (default 10)")
+    demo.add_argument("--probe-batch-size", type=COUNT, default=256,
                       help="fixed batch of training images the traces are taken on (default 256)")
-    demo.add_argument("--train-examples", type=int, default=None,
-                      help="train on a subset of the 1,400 training digits (a smaller budget)")
+    demo.add_argument("--train-examples", type=COUNT, default=None,
+                      help="train on a subset of the 1,400 training digits (a smaller budget; "
+                           "at least --probe-batch-size)")
     demo.set_defaults(func=_demo)
 
     est = sub.add_parser(
@@ -155,8 +319,8 @@ def build_parser():
         epilog="Example: keras-hesstrace estimate model.keras --data digits --num-probes 20 --out results/",
     )
     _common(est)
-    est.add_argument("--num-probes", type=int, default=20, help="Hutchinson probes, one HVP each (default 20)")
-    est.set_defaults(func=commands.run_estimate)
+    est.add_argument("--num-probes", type=COUNT, default=20, help="Hutchinson probes, one HVP each (default 20)")
+    est.set_defaults(func=_command("run_estimate"))
 
     eig = sub.add_parser(
         "eigen", help="the top-k Hessian eigenvalues (Lanczos or power iteration)",
@@ -166,12 +330,12 @@ def build_parser():
         epilog="Example: keras-hesstrace eigen model.keras --data digits --k 3 --out results/",
     )
     _common(eig)
-    eig.add_argument("-k", "--k", dest="k", type=int, default=1, help="number of eigenvalues (default 1)")
+    eig.add_argument("-k", "--k", dest="k", type=COUNT, default=1, help="number of eigenvalues (default 1)")
     eig.add_argument("--method", choices=("auto", "lanczos", "power"), default="auto", help="algorithm (default auto = lanczos: fewer HVPs than power iteration)")
     eig.add_argument("--which", choices=("LM", "LA"), default="LM", help="largest magnitude (LM, default, as PyHessian) or largest algebraic (LA)")
-    eig.add_argument("--max-iter", type=int, default=100, help="HVP budget per eigenvalue (default 100)")
-    eig.add_argument("--tol", type=float, default=1e-3, help="relative residual tolerance (default 1e-3)")
-    eig.set_defaults(func=commands.run_eigen)
+    eig.add_argument("--max-iter", type=COUNT, default=100, help="HVP budget per eigenvalue (default 100)")
+    eig.add_argument("--tol", type=POSITIVE, default=1e-3, help="relative residual tolerance (default 1e-3)")
+    eig.set_defaults(func=_command("run_eigen"))
 
     den = sub.add_parser(
         "density", help="the Hessian's eigenvalue density by stochastic Lanczos quadrature (density.png, log scale)",
@@ -182,10 +346,10 @@ def build_parser():
         epilog="Example: keras-hesstrace density model.keras --data digits --num-runs 2 --lanczos-steps 60 --out results/",
     )
     _common(den)
-    den.add_argument("--num-runs", type=int, default=1, help="independent Lanczos runs (default 1)")
-    den.add_argument("--lanczos-steps", type=int, default=90, help="Lanczos steps (HVPs) per run, clipped to the dimension (default 90)")
-    den.add_argument("--sigma", type=float, default=None, help="kernel width (default sqrt(1e-5 * max(1, range)), PyHessian's)")
-    den.set_defaults(func=commands.run_density)
+    den.add_argument("--num-runs", type=COUNT, default=1, help="independent Lanczos runs (default 1)")
+    den.add_argument("--lanczos-steps", type=COUNT, default=90, help="Lanczos steps (HVPs) per run, clipped to the dimension (default 90)")
+    den.add_argument("--sigma", type=POSITIVE, default=None, help="kernel width (default sqrt(1e-5 * max(1, range)), PyHessian's)")
+    den.set_defaults(func=_command("run_density"))
 
     land = sub.add_parser(
         "landscape", help="the loss on a grid around the weights along top eigenvectors or random directions (landscape.png)",
@@ -198,11 +362,11 @@ def build_parser():
     _common(land)
     land.add_argument("--directions", choices=("top2", "top1", "random2", "random1"), default="top2",
                       help="top eigenvectors or filter-normalised random directions; 2 = a surface, 1 = a curve (default top2)")
-    land.add_argument("--grid", type=int, default=21, help="points per axis (default 21)")
-    land.add_argument("--span", type=float, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
-    land.set_defaults(func=commands.run_landscape)
+    land.add_argument("--grid", type=COUNT, default=21, help="points per axis (default 21)")
+    land.add_argument("--span", type=POSITIVE, default=1.0, help="the grid covers [-span, span] along each direction (default 1.0)")
+    land.set_defaults(func=_command("run_landscape"))
 
-    from keras_hesstrace import experiments as mem
+    from keras_hesstrace.experiments import config as mem  # the settings only: no TensorFlow
 
     exp = sub.add_parser(
         "experiment",
@@ -218,9 +382,9 @@ def build_parser():
     exp.add_argument("--out", default=None, help="output folder (default runs/<name>)")
     exp.add_argument("--plan", action="store_true",
                      help="print the runs, steps and HVPs the settings cost, and exit")
-    exp.add_argument("--step-seconds", type=float, default=None,
+    exp.add_argument("--step-seconds", type=POSITIVE, default=None,
                      help="with --plan: measured seconds per optimiser step, for a time estimate")
-    exp.add_argument("--hvp-seconds", type=float, default=None,
+    exp.add_argument("--hvp-seconds", type=POSITIVE, default=None,
                      help="with --plan: measured seconds per HVP on the probe batch")
     exp.add_argument("--show-config", action="store_true", help="print the resolved settings and exit")
     exp.add_argument("--summarize-only", action="store_true",
@@ -229,14 +393,27 @@ def build_parser():
     import typing
 
     hints = typing.get_type_hints(mem.ExperimentConfig)
+    helps = field_help(mem.ExperimentConfig)
+    settings = exp.add_argument_group(
+        "settings", "each overrides the preset's value (shown as cpu-small's); lists are comma-separated, "
+                    "'none' clears an optional setting")
     for f in dataclasses.fields(mem.ExperimentConfig):
-        exp.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=argparse.SUPPRESS,
-                         type=_parse_field(hints[f.name]), metavar=f.name.upper(),
-                         help=f"(default from the preset: {mem.PRESETS['cpu-small'].get(f.name, f.default if f.default is not dataclasses.MISSING else '...')})")
+        default = mem.PRESETS["cpu-small"].get(
+            f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        flag = "--" + f.name.replace("_", "-")
+        text = f"{helps.get(f.name, f.name.replace('_', ' '))} [cpu-small: {_show(default)}]"
+        if hints[f.name] is bool:  # a switch: --augment / --no-augment
+            settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
+                                  action=argparse.BooleanOptionalAction, help=text)
+        else:
+            settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_parse_field(hints[f.name]),
+                                  metavar=_metavar(hints[f.name]), help=text)
     exp.set_defaults(func=_experiment)
     for command in sub.choices.values():
         command.add_argument("--traceback", action="store_true",
                              help=f"on an error, print the full traceback too (or set {TRACEBACK_ENV}=1)")
+        command.add_argument("--verbose", action="store_true",
+                             help="show TensorFlow's start-up and info logs (quiet by default)")
     return parser
 
 
@@ -255,14 +432,113 @@ def _report(args, err):
     return 2 if isinstance(err, (CLIError, ValueError)) else 1
 
 
+def check_flag_combinations(args):
+    """Refuse flags that are each valid but not together: CLIError before anything is loaded."""
+    if getattr(args, "from_logits", False) and args.loss is None:
+        raise CLIError("--from-logits only applies with --loss (the compiled loss keeps its own setting).")
+    if args.command == "eigen" and args.method == "power" and args.which == "LA":
+        raise CLIError("--which LA needs --method lanczos (or auto): power iteration finds the "
+                       "largest-magnitude eigenvalues only.")
+    if args.command == "demo" and args.train_examples is not None and args.train_examples < args.probe_batch_size:
+        raise CLIError(f"--train-examples {args.train_examples} must be at least --probe-batch-size "
+                       f"({args.probe_batch_size}).")
+
+
+# TensorFlow's start-up lines: the absl notice, its info and warning lines (glog format),
+# and the error that there is no GPU driver -- on a machine without a GPU, no error at all.
+_TF_NOISE = re.compile(
+    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
+    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*"
+    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] .*(cuInit|CUDA|cuda).*"
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)$")
+
+
+@contextlib.contextmanager
+def _tensorflow_noise_dropped():
+    """Drop TensorFlow's start-up lines from stderr (file descriptor 2) inside the block.
+
+    What else the block writes to stderr is written after it, in order.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as caught:
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode("utf-8", "replace").splitlines()
+                    if not _TF_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
+
+
+class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
+    """Imports TensorFlow, when something first does, with its start-up lines dropped.
+
+    TF 2.21 writes lines before its logging starts -- "oneDNN custom operations are on",
+    "Could not find cuda drivers" -- that TF_CPP_MIN_LOG_LEVEL does not silence, and the
+    cuInit error when it looks for a GPU. They are written by C++ straight to file
+    descriptor 2, so the import (and the device lookup) runs with it caught.
+    """
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "tensorflow":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            with _tensorflow_noise_dropped():
+                real(module)
+                try:
+                    module.config.list_physical_devices()  # the GPU lookup and its cuInit error, now
+                except Exception:
+                    pass
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def quiet_tensorflow():
+    """Quiet TensorFlow for this command, unless the user set their own log level.
+
+    TF_CPP_MIN_LOG_LEVEL=3 (TensorFlow reads it once, when first imported: the commands
+    import it after this runs) hides its C++ info and warning logs; the lines it writes
+    before its logging starts are dropped by importing it through _QuietTensorFlowImport.
+    """
+    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        return  # the user's setting wins; or too late to change anything
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+    if not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _QuietTensorFlowImport())
+
+
 def main(argv=None):
-    """Run the command line; every failure is one line on stderr and a non-zero exit code."""
+    """Run the command line; every failure is one line on stderr and a non-zero exit code.
+
+    Returns the exit code (0 after --help and --version, 2 for a refused flag).
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as done:  # --help, --version (0) or a usage error (2, its line printed)
+        return done.code
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if not args.verbose:
+        quiet_tensorflow()
     try:
+        check_flag_combinations(args)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"keras-hesstrace {args.command}: interrupted", file=sys.stderr)

@@ -160,6 +160,32 @@ def _missing_class_message(path, err, imported):
     )
 
 
+def _not_a_model_file(path):
+    """Why ``path`` cannot be a saved Keras model (checked from its first bytes), or None.
+
+    Keras says "File not found" for a ``.keras`` file that is not the zip archive
+    ``model.save`` writes; this names the real fault.
+    """
+    if os.path.isdir(path):
+        return (f"{path} is a folder, not a Keras model file: pass the .keras file written by "
+                "model.save('model.keras').")
+    kinds = {".keras": (b"PK", "a zip archive"), ".h5": (b"\x89HDF", "an HDF5 file"),
+             ".hdf5": (b"\x89HDF", "an HDF5 file")}
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in kinds:
+        return None  # Keras names the extensions it reads
+    magic, kind = kinds[extension]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as e:
+        return f"cannot read the model file {path} ({e.strerror or e})."
+    if head != magic:
+        return (f"{path} is not a Keras model file (a {extension} file is {kind} written by "
+                f"model.save; this one {'is empty' if not head else 'is not'}).")
+    return None
+
+
 def load_model(path, imports=None):
     """The saved Keras model (with its compiled loss when it was saved compiled).
 
@@ -169,6 +195,9 @@ def load_model(path, imports=None):
     """
     if not os.path.exists(path):
         raise CLIError(f"model file not found: {path}")
+    not_a_model = _not_a_model_file(path)
+    if not_a_model:
+        raise CLIError(not_a_model)
     import_modules(imports)
     import warnings
 

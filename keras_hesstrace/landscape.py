@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import keras
 
+from keras_hesstrace._progress import progress_bar
 from keras_hesstrace._validate import check_integer
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
 from keras_hesstrace.linalg.common import make_rng
@@ -237,7 +238,7 @@ def loss_landscape(
     total = int(np.prod(shape))
     batches = 1 if not evaluate.dataset else (num_batches or 1)
     show = verbose == 1 or (verbose == "auto" and total * batches > 50)
-    bar = keras.utils.Progbar(total, unit_name="point") if show else None
+    bar = progress_bar(total, "point") if show else None
     try:
         origin_loss = evaluate()
         done = 0

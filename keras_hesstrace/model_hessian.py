@@ -13,6 +13,7 @@ from keras_hesstrace.groups import group_indices, layer_groups, select_groups
 from keras_hesstrace.batches import to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
 from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
+from keras_hesstrace._progress import finish, progress_bar
 
 
 def block_indices(model, groups=None, by="layer"):
@@ -70,7 +71,12 @@ class ModelHessian:
         self.basis_dtype = np.float64 if all(v.dtype == "float64" for v in self.variables) else np.float32
         self.num_hvps = 0
         self.loss = None
-        self._bar = keras.utils.Progbar(None, unit_name="hvp") if verbose else None
+        self._bar = progress_bar(None, "hvp") if verbose else None
+
+    def expect(self, hvps):
+        """Tell the progress bar how many HVPs the algorithm will take at most."""
+        if self._bar is not None:
+            self._bar.target = max(1, int(hvps))
 
     def unflatten(self, vector):
         """Flat [n] -> list of tensors shaped (and typed) like the block's variables."""
@@ -118,8 +124,7 @@ class ModelHessian:
         return np.concatenate([np.asarray(h, dtype=np.float64).ravel() for h in hv])
 
     def close(self):
-        if self._bar is not None:
-            self._bar.update(self.num_hvps, finalize=True)
+        finish(self._bar, self.num_hvps)
 
 
 def variable_paths(variables):

@@ -102,6 +102,7 @@ def top_eigenvalues(
         raise ValueError("Power iteration finds the largest-magnitude eigenvalues only: use which='LM' or method='lanczos'.")
     _, seed = make_rng(seed)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="top_eigenvalues")
+    H.expect(k * max_iter if method == "power" else min(H.n, k * max_iter))  # the HVP budget
     try:
         if method == "power":
             out = power_iteration(H, H.n, k, max_iter, tol, seed, H.basis_dtype)
@@ -163,6 +164,7 @@ def hessian_trace(
         raise ValueError(f"method must be one of {TRACE_METHODS}, not {method!r}.")
     _, seed = make_rng(seed)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="hessian_trace")
+    H.expect(max_iter)  # the HVP budget
     try:
         if method == "hutchinson":
             out = hutchinson_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe))
@@ -214,6 +216,7 @@ def spectral_density(
         notes.append(f"lanczos_steps={lanczos_steps} is more than the dimension {H.n}; clipped to {H.n} (exact quadrature).")
         warnings.warn(notes[-1], UserWarning, stacklevel=2)
         lanczos_steps = H.n
+    H.expect(num_runs * lanczos_steps)
     nodes, weights = [], []
     try:
         for run in range(num_runs):
@@ -257,6 +260,7 @@ def diagonal(
     """
     _, seed = make_rng(seed)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
+    H.expect(num_probes)
     try:
         mean, err = hutchinson_diagonal(H, H.n, num_probes, draw=H.probe_source(seed, probe))
     finally:

@@ -15,6 +15,7 @@ import pandas as pd
 import tensorflow as tf
 import keras
 
+from keras_hesstrace._progress import finish, progress_bar
 from keras_hesstrace._validate import check_integer, check_seed
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
@@ -127,7 +128,7 @@ class GroupTraces:
 
 def _progbar(total, verbose):
     if verbose:
-        return keras.utils.Progbar(total, unit_name="hvp")
+        return progress_bar(total, "hvp")
     return None
 
 
@@ -256,6 +257,7 @@ def layer_traces(
             if bar is not None:
                 bar.update(done)
         n_batches += 1
+    finish(bar, done)
     samples /= weight_sum
     totals /= weight_sum
     squares = np.array([float(tf.reduce_sum(tf.square(g))) for g in grad_sum]) / weight_sum**2

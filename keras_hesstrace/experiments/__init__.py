@@ -21,10 +21,33 @@ Modules of the memorisation experiment:
     runner      run_experiment: the protocol, run by run, resumable
 """
 
+import importlib as _importlib
+
 from keras_hesstrace.experiments.config import PRESETS, ExperimentConfig, plan, preset
-from keras_hesstrace.experiments.report import summarize
-from keras_hesstrace.experiments.runner import run_experiment
-from keras_hesstrace.experiments.demo import run_demo
+
+# The settings (config) need no TensorFlow: the command line builds its flags from them in a
+# fraction of a second. What trains, scores and reports is imported on first use (PEP 562).
+_LAZY = {
+    "summarize": "keras_hesstrace.experiments.report",
+    "run_experiment": "keras_hesstrace.experiments.runner",
+    "run_demo": "keras_hesstrace.experiments.demo",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from keras_hesstrace import _backend
+
+        _backend.check_backend()
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = ["ExperimentConfig", "PRESETS", "preset", "plan", "run_experiment", "summarize",
            "run_demo"]

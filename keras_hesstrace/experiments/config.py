@@ -24,6 +24,12 @@ _DATASET_SIZES = {"digits": 1400, "cifar10": 50000, "cifar100": 50000}
 # --------------------------------------------------------------------------- config
 
 
+def _finite(value):
+    """A real number (not bool) that is finite."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
 @dataclass
 class ExperimentConfig:
     """Settings of the memorisation experiment (every field is a CLI flag ``--field-name``).
@@ -123,10 +129,10 @@ class ExperimentConfig:
         """Raise ``ValueError`` naming the first bad setting; return self."""
         for a in self.archs:
             if a not in ARCHS:
-                raise ValueError(f"unknown arch {a!r}; choose from {ARCHS}.")
+                raise ValueError(f"unknown arch {a!r} in archs; choose from {ARCHS}.")
         for d in self.datasets:
             if d not in DATASETS:
-                raise ValueError(f"unknown dataset {d!r}; choose from {DATASETS}.")
+                raise ValueError(f"unknown dataset {d!r} in datasets; choose from {DATASETS}.")
         if not self.archs or not self.datasets:
             raise ValueError("archs and datasets must not be empty.")
         for r in self.noise_rates:
@@ -148,9 +154,8 @@ class ExperimentConfig:
         if not self.monitor:
             raise ValueError("monitor must name at least one group (e.g. ['head']).")
         if self.reference_snapshot is not None:
-            from keras_hesstrace.monitor.baseline import check_reference
-
-            check_reference(self.reference_snapshot, "reference_snapshot")
+            # monitor.baseline.check_reference's rule, without importing the monitor (TensorFlow)
+            check_integer("reference_snapshot", self.reference_snapshot, minimum=0, none="no reference")
             per_run = min((self.epochs * steps_per_epoch(self, d)) // self.every_n_steps + 1
                           for d in self.datasets)
             if self.reference_snapshot > per_run - 2:
@@ -176,6 +181,26 @@ class ExperimentConfig:
                              f"{self.validation_fraction!r}.")
         for p in self.early_stopping_patience:
             check_integer("early_stopping_patience", p, minimum=0)
+        # The rest of the settings, checked here so that a bad one is refused before Phase I
+        # trains (the callback and calibrate_threshold would refuse them only when used).
+        if self.target_arl0 is not None and not (_finite(self.target_arl0) and self.target_arl0 > 1):
+            raise ValueError(f"target_arl0 must be a finite number of snapshots > 1, got {self.target_arl0!r}.")
+        if not (_finite(self.delta) and self.delta >= 0):
+            raise ValueError(f"delta (the Page-Hinkley allowance) must be finite and >= 0, got {self.delta!r}.")
+        check_integer("n_resamples", self.n_resamples, minimum=100)
+        if not (_finite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
+        if not (_finite(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        check_integer("seed_offset", self.seed_offset, minimum=0)
+        check_integer("train_examples", self.train_examples, none="all examples")
+        check_integer("probe_batch_seed", self.probe_batch_seed, minimum=0, none="a batch per run")
+        if self.effect_window is not None and not (
+                all(_finite(e) for e in self.effect_window) and self.effect_window[0] <= self.effect_window[1]):
+            raise ValueError(f"effect_window is [first_epoch, last_epoch] with first <= last, got "
+                             f"{self.effect_window!r}.")
         return self
 
     def to_dict(self):
