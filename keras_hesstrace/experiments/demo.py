@@ -181,9 +181,15 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
 
     r = cal["head"]
     plain = ticker.FuncFormatter(lambda v, _: f"{v:g}")
-    # minor ticks labelled (2, 5 x 10^k) only where a log axis spans less than two decades
-    def plain_minor():
-        return ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5))
+    def plain_minor(ax):
+        """Minor log ticks labelled at 2 and 5 x 10^k, only while the axis spans under three decades."""
+        def label(v, _):
+            lo, hi = ax.get_ylim()
+            if v <= 0 or lo <= 0 or np.log10(hi / lo) >= 3:
+                return ""
+            mantissa = round(v / 10 ** np.floor(np.log10(v)))
+            return f"{v:g}" if mantissa in (2, 5) else ""
+        return ticker.FuncFormatter(label)
     fig = new_figure(figsize=(9, 12))
     axes = fig.subplots(3, 1, sharex=True)
 
@@ -226,7 +232,7 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
     ax.set_yscale("log")
     ax.set_ylim(bottom=bottom)
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain_minor())
+    ax.yaxis.set_minor_formatter(plain_minor(ax))
     ax.set_ylabel("Hessian trace, layer 'head' (log scale)")
     k = min(len(tr), n) - 1
     ratio = tr[k] / centre[k] if k >= 0 and centre[k] > 0 else float("nan")
@@ -252,7 +258,7 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
         ax.set_yscale("log")
         ax.set_ylim(floor, 2 * top)
         ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain_minor())
+        ax.yaxis.set_minor_formatter(plain_minor(ax))
         scale = " (log scale)"
     ax.annotate(f"h = {h:.3g}", (x[0], h), xytext=(2, 3), textcoords="offset points", fontsize=8)
     if alert_step is not None:
@@ -288,7 +294,7 @@ def _plot_demo(path, config, cal, out, phase1, noisy, frame, spe, alert_step):
                 label=f"{g} (clean seed {phase1[0].seed})")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain_minor())
+    ax.yaxis.set_minor_formatter(plain_minor(ax))
     ax.set_xlabel("epoch")
     ax.set_ylabel("Hessian trace per layer (log scale)")
     ax.set_title("Every layer's trace from the same probes (solid: noisy run ± 1 SE, dashed: a clean run)"
