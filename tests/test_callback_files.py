@@ -288,3 +288,33 @@ def test_seed_is_checked_when_the_callback_is_made(seed):
         HessianTraceCallback((X, Y), seed=seed)
     assert HessianTraceCallback((X, Y), seed=2**31 - 1).seed == 2**31 - 1
     assert HessianTraceCallback((X, Y), seed=3.0).seed == 3
+
+
+# ------------------------------------------------- issue 15: the h column, old CSVs resume
+
+def test_the_csv_records_h_and_an_integer_alert(tmp_path):
+    full = uninterrupted(tmp_path / "full.csv")
+    assert list(full.columns[-5:]) == ["z", "g_pos", "g_neg", "h", "alert"]
+    assert set(full.h[full.group == "total"]) == {0.5} and set(full.h[full.group == "head"]) == {1e9}
+    assert full.h[full.group == "hidden"].isna().all()  # no detector on hidden
+    lines = (tmp_path / "full.csv").read_text().splitlines()
+    alerts = {line.split(",")[-1] for line in lines[1:] if line.split(",")[2] != "hidden"}
+    assert alerts == {"0", "1"}  # integers, not 0.0 / 1.0
+
+
+def test_a_csv_without_the_h_column_resumes_in_its_layout(tmp_path):
+    full = uninterrupted(tmp_path / "full.csv")
+    path = tmp_path / "resumed.csv"
+    restored = fit_to_step_8(path, tmp_path)
+    # As an earlier version wrote it: no h column.
+    old = pd.read_csv(path, dtype=str, keep_default_na=False).drop(columns="h")
+    old.to_csv(path, index=False, lineterminator="\r\n")
+    old_header = path.read_text().splitlines()[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        restored.fit(X, Y, epochs=3, initial_epoch=2, callbacks=[callback(path)], **FIT)
+    resumed = pd.read_csv(path)
+    assert path.read_text().splitlines()[0] == old_header and "h" not in resumed.columns
+    columns = COMPARED + [c for c in DETECTOR_COLUMNS if c != "h"]
+    pd.testing.assert_frame_equal(resumed[columns], full[columns], rtol=1e-6)
+    assert resumed.alert.sum() == full.alert.sum() > 0

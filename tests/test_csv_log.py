@@ -61,3 +61,23 @@ def test_missing_or_headerless_files(tmp_path):
     path = tmp_path / "half.csv"
     _write(path, "step,gro")
     assert cut_back(str(path), 3) == (None, [], 0, True) and not path.exists()
+
+
+def test_an_earlier_header_is_accepted_and_appended_to_in_its_layout(tmp_path):
+    path = tmp_path / "old.csv"
+    _write(path, HEADER + "".join(ROWS[:4]))
+    log = SnapshotCsv(str(path), ["step", "group", "trace", "h"], older=[["step", "group", "trace"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = log.prepare(4)
+    assert log.columns == ["step", "group", "trace"] and len(rows) == 4 and "h" not in rows[0]
+    log.append([[8, "head", 1.0, 5.0]])  # rows come in the new layout; h is left out
+    assert path.read_bytes() == (HEADER + "".join(ROWS)).encode()
+    # A new file gets the new header; another header is still refused.
+    fresh = SnapshotCsv(str(tmp_path / "new.csv"), ["step", "group", "trace", "h"],
+                        older=[["step", "group", "trace"]])
+    fresh.prepare(0)
+    fresh.append([[0, "head", 1.5, 5.0]])
+    assert (tmp_path / "new.csv").read_bytes() == b"step,group,trace,h\r\n0,head,1.5,5.0\r\n"
+    with pytest.raises(ValueError, match="has columns"):
+        SnapshotCsv(str(path), ["step", "group", "trace", "h"], older=[["step", "other"]]).prepare(0)

@@ -38,8 +38,8 @@ _TRACE_TEXT = ("Hutchinson estimate of the trace of the Hessian block of group {
 _DETECTOR_TEXT = ("Page-Hinkley statistic max(g+, g-) of group {!r} after the snapshot at x "
                   "= optimiser step; the detector alerts when it exceeds "
                   "hessian_trace_threshold/{}.")
-_THRESHOLD_TEXT = ("Threshold h of group {!r}'s Page-Hinkley detector (constant): the "
-                   "alert fires when hessian_trace_detector/{} exceeds it.")
+_THRESHOLD_TEXT = ("Threshold h of the Page-Hinkley detector of group {!r} (constant): "
+                   "the alert fires when hessian_trace_detector/{} exceeds it.")
 _ALERT_TEXT = "HessianTraceCallback's alerts: one line per group's first alert, at its step."
 
 
