@@ -543,6 +543,12 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"keras-hesstrace {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout piped into e.g. `head`, which has stopped reading: no error
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit does not fail again
+        except (OSError, ValueError):
+            pass
+        return 141
     except Exception as err:
         return _report(args, err)
 

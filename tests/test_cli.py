@@ -339,3 +339,15 @@ def test_experiment_and_demo_refuse_an_unwritable_out_before_training(tmp_path, 
         assert cli.main([*argv, "--out", str(blocker / "out")]) == 2
         err = capsys.readouterr().err
         assert err.strip().endswith(f"error: --out {blocker / 'out'}: cannot write there (Not a directory).")
+
+
+def test_a_file_that_is_not_a_keras_model_says_so(tmp_path, capsys):
+    (tmp_path / "notes.keras").write_text("not a model")
+    (tmp_path / "empty.keras").write_bytes(b"")
+    (tmp_path / "folder.keras").mkdir()
+    for name, says in (("notes.keras", "is not a Keras model file (a .keras file is a zip archive"),
+                       ("empty.keras", "this one is empty"), ("folder.keras", "is a folder, not a Keras model file")):
+        assert cli.main(["estimate", str(tmp_path / name), "--data", "digits"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and says in err and "not found" not in err, err
+

@@ -65,3 +65,22 @@ def test_group_traces_old_name_still_works_with_a_deprecation_warning():
     with pytest.warns(DeprecationWarning, match="GroupTraces"):
         old = kh.TraceResult
     assert old is kh.GroupTraces and "GroupTraces" in kh.__all__ and "TraceResult" not in kh.__all__
+
+
+def test_public_names_load_on_first_use_and_stay_what_they_were():
+    code = (
+        "import sys, keras_hesstrace as kh\n"
+        "print('tensorflow' in sys.modules)\n"
+        "import keras_hesstrace.hvp, keras_hesstrace.trace  # binds the submodule name hvp in the package\n"
+        "print(callable(kh.hvp) and kh.hvp.__module__ == 'keras_hesstrace.hvp')\n"
+        "print(all(getattr(kh, n) is not None for n in kh.__all__))\n"
+        "print(set(kh.__all__) <= set(dir(kh)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True", "True", "True"]
+    assert kh.layer_traces.__module__ == "keras_hesstrace.trace" and kh.hvp.__module__ == "keras_hesstrace.hvp"
+    assert kh.variance.__name__ == "keras_hesstrace.variance"
+    assert set(kh.__all__) == {
+        "HessianOperator", "GroupTraces", "EigenResult", "TraceEstimate", "SpectralDensity", "DiagonalResult",
+        "hessian_operator", "hvp", "layer_groups", "layer_traces", "variance", "top_eigenvalues",
+        "hessian_trace", "spectral_density", "diagonal", "loss_landscape", "__version__"}
