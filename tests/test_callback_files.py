@@ -24,7 +24,7 @@ from keras_hesstrace.monitor.csv_log import check_csv_path
 
 FIT = dict(batch_size=16, verbose=0, shuffle=False)  # 64 examples: 4 steps an epoch
 COMPARED = ["step", "group", "trace", "stderr", "num_probes", "probe_seed", "status"]
-DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "h", "alert"]
+DETECTOR_COLUMNS = ["h", "z", "g_pos", "g_neg", "alert"]
 
 
 def small_model(seed=0, hidden=8):
@@ -294,7 +294,7 @@ def test_seed_is_checked_when_the_callback_is_made(seed):
 
 def test_the_csv_records_h_and_an_integer_alert(tmp_path):
     full = uninterrupted(tmp_path / "full.csv")
-    assert list(full.columns[-5:]) == ["z", "g_pos", "g_neg", "h", "alert"]
+    assert list(full.columns[-5:]) == ["h", "z", "g_pos", "g_neg", "alert"]
     assert set(full.h[full.group == "total"]) == {0.5} and set(full.h[full.group == "head"]) == {1e9}
     assert full.h[full.group == "hidden"].isna().all()  # no detector on hidden
     lines = (tmp_path / "full.csv").read_text().splitlines()

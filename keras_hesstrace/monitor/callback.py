@@ -131,7 +131,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
     the detector; "nonpositive": a value <= 0 that a ``transform="log"`` detector
     cannot take, kept in the CSV and skipped by the detector; "unreferenced": a value
     after a skipped reference snapshot, which a detector with a reference snapshot
-    cannot score), then z, g_pos, g_neg, h (the threshold), alert (0 or 1) when a
+    cannot score), then h (the threshold), z, g_pos, g_neg, alert (0 or 1) when a
     detector is set (empty for groups without one; z is NaN at the snapshots up to a
     detector's reference snapshot). A CSV written before the h column resumes in its
     own layout.

@@ -81,7 +81,7 @@ def cut_back(path: str | os.PathLike,
 TOTAL = "total"
 BASE_COLUMNS = ["step", "epoch", "group", "trace", "stderr", "num_probes", "probe_seed",
                 "wall_time", "status"]
-DETECTOR_COLUMNS = ["z", "g_pos", "g_neg", "h", "alert"]
+DETECTOR_COLUMNS = ["h", "z", "g_pos", "g_neg", "alert"]
 # The detector columns before the threshold h was written (a CSV with them still resumes,
 # and is appended to in its own layout).
 DETECTOR_COLUMNS_WITHOUT_H = ["z", "g_pos", "g_neg", "alert"]

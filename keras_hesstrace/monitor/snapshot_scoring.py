@@ -84,7 +84,7 @@ def score_snapshot(
                     status = "unreferenced" if det.reference_missing else "nonpositive"
                     bad.append(g)
                 r = det.update(value, step=step) if status == "ok" else det.skip(value, step=step)
-                extra = [r.z, r.g_pos, r.g_neg, det.threshold, int(r.alert)]
+                extra = [det.threshold, r.z, r.g_pos, r.g_neg, int(r.alert)]
                 if r.first_alert:
                     alerts.append((g, r))
         rows.append(row + [status] + extra)
