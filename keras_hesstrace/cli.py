@@ -509,15 +509,15 @@ class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
 
 
 def quiet_tensorflow():
-    """Quiet TensorFlow for this command, unless the user set their own log level.
+    """Quiet TensorFlow for this command (not with --verbose); a log level the user set wins.
 
     TF_CPP_MIN_LOG_LEVEL=3 (TensorFlow reads it once, when first imported: the commands
-    import it after this runs) hides its C++ info and warning logs; the lines it writes
+    import it after this runs) hides its C++ info, warning and error logs; the lines it writes
     before its logging starts are dropped by importing it through _QuietTensorFlowImport.
     """
-    if "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
-        return  # the user's setting wins; or too late to change anything
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_TF_LOG_LEVEL
+    if "tensorflow" in sys.modules:
+        return  # too late to change anything
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)  # the user's own setting wins
     if not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
         sys.meta_path.insert(0, _QuietTensorFlowImport())
 
