@@ -26,7 +26,7 @@ second runner started on the folder while the first runs is refused (and the fir
 finishes unharmed), and a run folder copied from another seed is refused on resume.
 
 Callback (a small CNN on the digits with ``HessianTraceCallback(csv_path=..., detector=...)``
-and ``keras.callbacks.BackupAndRestore``), killed after 1, 3, 5, 7 and 9 snapshots, and
+and ``keras.callbacks.BackupAndRestore`` at epoch ends), killed after 1, 3, 5, 7 and 9 snapshots, and
 with the CSV cut at a random byte of its last snapshot before restarting (a torn line
 or a partial snapshot, as a kill in the middle of a write leaves): the final CSV must
 equal the uninterrupted one (trace, stderr, z, g+, g-, alert included; wall_time and
@@ -240,9 +240,22 @@ detector = PageHinkley(delta=0.5, threshold=1e9,
                        baseline=kh.monitor.Baseline(np.zeros(40), np.ones(40), transform="log"))
 cb = HessianTraceCallback((x[:64], y[:64]), every_n_steps=5, num_probes=2, csv_path=work + "/traces.csv",
                           detector={"total": detector}, seed=3, verbose=0)
-backup = keras.callbacks.BackupAndRestore(work + "/backup", save_freq=5)
+# Backups at epoch ends: Keras resumes a fit at an epoch boundary exactly; a mid-epoch
+# backup (save_freq=k steps) restarts that epoch's batches from its first with the step
+# counter already advanced, so the run itself would differ from an uninterrupted one.
+backup = keras.callbacks.BackupAndRestore(work + "/backup", save_freq="epoch")
 model.fit(x, y, batch_size=32, epochs=5, shuffle=False, verbose=0, callbacks=[backup, cb])
 '''
+
+
+def _describe_difference(reference, rows):
+    """None when the row lists are equal, else where they first differ (in words)."""
+    if rows == reference:
+        return None
+    for i, (a, b) in enumerate(zip(reference, rows)):
+        if a != b:
+            return f"DIFFERS from row {i} (step {a[0]} in the reference, {b[0]} here)"
+    return f"DIFFERS: {len(reference) - 1} rows in the reference, {len(rows) - 1} here"
 
 
 def _callback_cmd(work):
@@ -278,8 +291,10 @@ def callback_part(work, seed):
                     f.truncate(cut)
                 note = f", cut at byte {cut} of {size}"
             done = subprocess.run(_callback_cmd(run), capture_output=True, text=True)
-            same = done.returncode == 0 and _rows(csv) == reference
-            outcome = "equal" if same else f"DIFFERS (rc {done.returncode}): {done.stderr[-300:]}"
+            if done.returncode != 0:
+                outcome = f"FAILED (rc {done.returncode}): {done.stderr.strip().splitlines()[-1]}"
+            else:
+                outcome = _describe_difference(reference, _rows(csv)) or "equal"
             print(f"  callback killed after {snapshots} snapshot(s){note}: {outcome}", flush=True)
             rows.append(("callback", f"kill after {snapshots} snapshot(s), {damage}", outcome))
     return rows

@@ -413,7 +413,10 @@ def test_cli_estimate(name, tmp_path, capsys, record_property):
     assert rc == 0, f"{name}: keras-hesstrace estimate exited {rc}: {captured.err.strip()[-500:]}"
     frame = pd.read_csv(os.path.join(out, "traces.csv"), index_col=0)
     groups = list(kh.layer_groups(b.model))
-    assert list(frame.index) == groups
+    assert list(frame.index) == groups + ["total"]  # the whole model's trace last
     expected = np.mean([b.contractions(flatten(draw_probe(b.variables, probe_seed(SEED, m))))[0] for m in range(2)], axis=0)
-    err = assert_close(frame["trace"].to_numpy(), expected, REF_RTOL[b.case.reference], f"{name}: CLI traces")
+    err = assert_close(frame.loc[groups, "trace"].to_numpy(), expected, REF_RTOL[b.case.reference], f"{name}: CLI traces")
+    # the groups cover every variable, so the total is their sum
+    assert_close(frame.loc[["total"], "trace"].to_numpy(), np.array([expected.sum()]), REF_RTOL[b.case.reference],
+                 f"{name}: CLI total trace")
     record_property("rel_err", err)
