@@ -47,11 +47,12 @@ def alerting_detector():
                        baseline=Baseline(np.zeros(5), np.array([1e12] + [1e-6] * 4)))
 
 
-def fit(tmp_path, verbose=0, detector=True, epochs=1):
+def fit(tmp_path, verbose=0, detector=True, epochs=1, summary=True):
     x, y = data()
     cb = HessianTraceCallback((x[:32], y[:32]), every_n_steps=2, num_probes=2, groups=["head"],
                               detector={"head": alerting_detector()} if detector else None,
-                              log_dir=tmp_path / "logs", csv_path=tmp_path / "t.csv", verbose=1)
+                              log_dir=tmp_path / "logs", csv_path=tmp_path / "t.csv", verbose=1,
+                              summary=summary)
     small_model().fit(x, y, epochs=epochs, verbose=verbose, callbacks=[cb], **FIT)
     return cb
 
@@ -112,6 +113,14 @@ def test_summary_line_without_a_detector(tmp_path, capsys):
     out = capsys.readouterr().out
     (summary,) = [line for line in out.splitlines() if "snapshots this fit" in line]
     assert summary.endswith("; no detector.") and "head " in summary
+
+
+def test_summary_false_keeps_the_alert_line_only(tmp_path, capsys):
+    """A loop calling fit once an epoch (the runner, the demo) prints its own progress."""
+    fit(tmp_path, summary=False)
+    out = capsys.readouterr().out
+    assert "snapshots this fit" not in out
+    assert "HessianTraceCallback: alert on group 'head' at step 2" in out
 
 
 def _free_port():

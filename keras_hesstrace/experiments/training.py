@@ -244,6 +244,7 @@ def train_run(config, spec, run_dir, *, detector=None, log_dir=None, callbacks=(
         num_probes=config.num_probes, by=config.by, csv_path=csv_path,
         log_dir=log_dir, detector=detector, seed=spec.seed,
         verbose=1 if (detector is not None and progress) else 0,
+        summary=False,  # one fit per epoch, each with its own progress line
     )
     t0 = time.perf_counter()
     monitor = list(config.monitor)

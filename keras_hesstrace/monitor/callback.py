@@ -11,10 +11,8 @@ execution, so the snapshot lands on the first execution boundary at or after the
 snapshots the hook does integer arithmetic only, reads nothing from the device and does
 not override ``on_train_batch_end``, so Keras keeps its asynchronous batch-end dispatch.
 
-Mixed precision. For a model with a mixed policy (e.g. ``mixed_float16``: float32
-variables, float16 compute), the snapshot computes the curvature in float32
-(``keras_hesstrace.monitor.precision``); the float32 Hessian functions are traced once,
-at the first snapshot, and kept by the callback.
+Mixed precision (e.g. ``mixed_float16``): the curvature is computed in float32
+(``keras_hesstrace.monitor.precision``), its functions traced once and kept.
 
 Files. Nothing is opened at construction. At ``on_train_begin`` the callback takes an
 exclusive lock on the CSV (``<csv_path>.lock``, released at ``on_train_end`` and by
@@ -116,6 +114,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
         verbose: 1 prints each alert and, at the end of each fit, a summary line
             (snapshots taken, groups, last traces, alert or not), as Keras's callbacks
             print (``keras.utils.io_utils.print_msg``); 0 prints nothing.
+        summary: with ``verbose``, print the end-of-fit summary line. Defaults to True;
+            False for a loop that calls ``fit`` once an epoch and reports progress itself
+            (the experiment runner and the demo).
         loss: loss for the Hessian (default: the compiled loss).
         probes_per_call, max_batch_size, mode: passed to ``layer_traces`` (probes
             sharing one compiled call; the most examples per call, a larger ``data``
@@ -162,7 +163,8 @@ class HessianTraceCallback(keras.callbacks.Callback):
                  detector: Calibration | PageHinkley | dict[str, PageHinkley] | None = None,
                  stop_on_alert: bool = False, on_alert: Callable | None = None, seed: int = 0,
                  verbose: int = 1, loss=None, probes_per_call: int = 1,
-                 max_batch_size: int | None = None, mode: str = DEFAULT_MODE, layers=None) -> None:
+                 max_batch_size: int | None = None, mode: str = DEFAULT_MODE, layers=None,
+                 summary: bool = True) -> None:
         super().__init__()
         for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
                             ("probes_per_call", probes_per_call)):
@@ -194,6 +196,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self.on_alert = on_alert
         self.seed = seed
         self.verbose = verbose
+        self.summary = bool(summary)
         self.loss = loss
         self._trace_options = dict(probes_per_call=probes_per_call, max_batch_size=max_batch_size,
                                    mode=mode)
@@ -339,7 +342,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         try:
-            if self.verbose:
+            if self.verbose and self.summary:
                 last = group_values(self.history[-1]["result"], self._names) if self.history else None
                 say(summary_text(self._fit_steps,
                                  None if last is None else {g: v for g, (v, _) in last.items()},
