@@ -7,6 +7,7 @@ independent. M probes cost M HVPs for all groups together (docs/method.md §2).
 
 from __future__ import annotations
 
+import collections.abc
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import keras
 
 from keras_hesstrace._progress import finish, progress_bar
 from keras_hesstrace._validate import check_integer, check_seed
+from keras_hesstrace.adaptive import check_target, relative_stderr, run_until_met, target_met
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
@@ -49,6 +51,11 @@ class GroupTraces:
             gradient on the same batch(es) (batch-weighted mean gradient), from the same
             pass as the products; None where not computed.
         gradient_norm: the L2 norm of the whole gradient (all the operator's variables).
+        rel_stderr_target: the target r of ``layer_traces(rel_stderr=r)``, or None (a
+            fixed probe count).
+        target_met: bool [G], whether each group's relative standard error is at most
+            r (None without a target).
+        total_target_met: the same for the total (None without a target).
     """
 
     groups: tuple
@@ -62,6 +69,9 @@ class GroupTraces:
     mode: str = "reverse"
     gradient_norms: np.ndarray | None = None
     gradient_norm: float = float("nan")
+    rel_stderr_target: float | None = None
+    target_met: np.ndarray | None = None
+    total_target_met: bool | None = None
 
     @property
     def num_probes(self) -> int:
@@ -76,6 +86,11 @@ class GroupTraces:
     def stderr(self) -> np.ndarray:
         """float64 [G]: the sample standard error of the mean over probes (NaN for M < 2)."""
         return _stderr(self.samples)
+
+    @property
+    def rel_stderr(self) -> np.ndarray:
+        """float64 [G]: |stderr / trace| (inf where the trace is 0, NaN for M < 2)."""
+        return relative_stderr(self.samples)
 
     @property
     def total(self) -> float:
@@ -99,15 +114,14 @@ class GroupTraces:
             raise KeyError(f"No group {group!r}; groups are {list(self.groups)}") from None
 
     def to_frame(self) -> pd.DataFrame:
-        """A pandas DataFrame indexed by group: trace, stderr, rel_stderr, num_params, num_probes."""
-        trace, err = self.trace, self.stderr
-        with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.abs(err / trace)
+        """A pandas DataFrame indexed by group: trace, stderr, rel_stderr, num_params,
+        num_probes, gradient_norm; with a target (``rel_stderr=``), also
+        rel_stderr_target and target_met."""
         frame = pd.DataFrame(
             {
-                "trace": trace,
-                "stderr": err,
-                "rel_stderr": rel,
+                "trace": self.trace,
+                "stderr": self.stderr,
+                "rel_stderr": self.rel_stderr,
                 "num_params": self.group_sizes,
                 "num_probes": self.num_probes,
                 "gradient_norm": (np.full(len(self.groups), np.nan) if self.gradient_norms is None
@@ -115,12 +129,19 @@ class GroupTraces:
             },
             index=pd.Index(list(self.groups), name="group"),
         )
+        if self.rel_stderr_target is not None:
+            frame["rel_stderr_target"] = float(self.rel_stderr_target)
+            frame["target_met"] = np.asarray(self.target_met, dtype=bool)
         return frame
 
     def __str__(self):
         frame = self.to_frame()
         lines = [frame.to_string(float_format=lambda v: f"{v:.4g}")]
         lines.append(f"total trace {self.total:.6g} ± {self.total_stderr:.2g} (M={self.num_probes} probes, {self.num_batches} batch(es), loss {self.loss:.4g})")
+        if self.rel_stderr_target is not None:
+            missed = [n for n, ok in zip(self.groups, self.target_met) if not ok] + ([] if self.total_target_met else ["total"])
+            lines.append(f"target rel_stderr {self.rel_stderr_target:g}: " + ("met by every group and the total" if not missed
+                                                                               else "NOT met by " + ", ".join(missed)))
         if not self.finite:
             lines.append("NOT FINITE: the loss or the Hessian has NaN/inf; these numbers are meaningless.")
         return "\n".join(lines)
@@ -149,6 +170,8 @@ def layer_traces(
     strategy: tf.distribute.Strategy | None = None,
     probes_per_call: int = 1,
     max_batch_size: int | None = None,
+    rel_stderr: float | None = None,
+    max_probes: int | None = None,
 ) -> GroupTraces:
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
@@ -159,7 +182,8 @@ def layer_traces(
             probe's sample is averaged over the batches, weighted by batch size).
             :func:`keras_hesstrace.batches.resolve_data` gives the rules.
         y: the batch's targets (omit when x is ``(x, y)`` or a dataset).
-        num_probes: M, the number of probes (HVPs per batch).
+        num_probes: M, the number of probes (HVPs per batch); with ``rel_stderr``, the
+            pilot (first round), at least 2. Defaults to 10.
         by: how to group the variables, as :func:`layer_groups` takes it
             (``"layer"``, ``"variable"``, a callable, a dict of path patterns, or a
             mapping name -> variables). Defaults to ``"layer"``.
@@ -191,6 +215,23 @@ def layer_traces(
             shard of every batch and the contractions are all-reduced, weighted by
             shard size (the same estimate as one device). Default: the strategy the
             model was built under, if any.
+        rel_stderr: a target r in (0, 1) instead of a fixed count: after the pilot of
+            ``num_probes``, probes are drawn in rounds, each sized from the sample
+            variance of all probes so far (M = max_l ceil(s_l² / (r·|mean_l|)²), at least
+            10% more), until every requested group (``groups=``) and the total has
+            stderr ≤ r·|trace|, or ``max_probes`` is reached. What you get: each
+            requested group's relative standard error is at most r, as estimated from
+            its own probes (``result.target_met``, ``result.rel_stderr``); the estimate
+            is the mean of all probes, and probe m still uses the seed (seed, m), so the
+            result is a longer run's prefix. The stopping rule is sequential, so the
+            estimate has a small bias (docs/method.md §3, tests/test_adaptive.py). A
+            group whose trace is near 0 cannot meet a relative target: the run goes to
+            ``max_probes`` and the group is reported as not met, with a RuntimeWarning
+            naming it. In the dataset mode each round is another pass over the data,
+            which must give the same batches. Defaults to None (exactly
+            ``num_probes`` probes).
+        max_probes: with ``rel_stderr``, the most probes in all (at least
+            ``num_probes``). Defaults to 1000.
 
     Returns:
         :class:`GroupTraces`; ``result.to_frame()`` gives a pandas table. A
@@ -206,6 +247,7 @@ def layer_traces(
         True
     """
     num_probes = check_integer("num_probes", num_probes)
+    rel_stderr, max_probes = check_target(rel_stderr, max_probes, num_probes)
     seed = check_seed(seed)
     check_probe(probe)
     x, y, dataset_mode = resolve_data(x, y, "layer_traces")
@@ -220,60 +262,79 @@ def layer_traces(
     max_batch_size = check_integer("max_batch_size", max_batch_size, none="no chunking")
     if max_batch_size is not None:
         check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
-    chunks = [
-        (start, tf.stack([probe_seed(seed, m) for m in range(start, min(start + per_call, num_probes))]))
-        for start in range(0, num_probes, per_call)
-    ]
-
     if dataset_mode:
-        batches = iterate_batches(x, num_batches)
-        total_steps = None if num_batches is None else int(num_batches) * num_probes
+        total_steps = None if num_batches is None or rel_stderr is not None else int(num_batches) * num_probes
         show = verbose == 1 or (verbose == "auto")
+        if rel_stderr is not None and isinstance(x, collections.abc.Iterator):
+            raise ValueError("rel_stderr draws probes in rounds, one pass over the data each: pass data that can be "
+                             "iterated again (a list of batches or a tf.data.Dataset), not an iterator or generator.")
     else:
-        batches = [to_tensors(x, y)]
-        total_steps = num_probes
+        total_steps = None if rel_stderr is not None else num_probes
         show = verbose == 1
     bar = _progbar(total_steps, show)
+    state = {"done": 0, "loss": None}
 
-    samples = np.zeros((num_probes, len(names)))
-    totals = np.zeros(num_probes)
-    loss_sum, weight_sum, n_batches, done, grad_sum = 0.0, 0, 0, 0, None
-    for xb, yb in batches:
-        xb, yb = to_tensors(xb, yb)
-        parts = split_batch(xb, yb, max_batch_size)
-        for start, seeds in chunks:
-            stop = start + int(seeds.shape[0])
-            for xc, yc in parts:
+    def contract(lo, hi):
+        """float64 [hi - lo, G + 1]: probes lo..hi-1's group samples and total, one pass over the data."""
+        seeds = [(a, tf.stack([probe_seed(seed, m) for m in range(a, min(a + per_call, hi))]))
+                 for a in range(lo, hi, per_call)]
+        out = np.zeros((hi - lo, len(names) + 1))
+        loss_sum, weight_sum, n_batches, grad_sum = 0.0, 0, 0, None
+        for xb, yb in (iterate_batches(x, num_batches) if dataset_mode else [to_tensors(x, y)]):
+            for xc, yc in split_batch(*to_tensors(xb, yb), max_batch_size):
                 weight = batch_size(yc)
-                s_g, total, loss_value, *grads = op.probe_contractions(xc, yc, seeds, probe, indices)
-                samples[start:stop] += weight * s_g.numpy()
-                totals[start:stop] += weight * total.numpy()
-                if start == 0:
-                    loss_sum += weight * float(loss_value)
-                    weight_sum += weight
-                    grads = [tf.cast(g, tf.float64) * weight for g in grads]
-                    grad_sum = grads if grad_sum is None else [a + b for a, b in zip(grad_sum, grads)]
-            done += stop - start
+                for a, chunk in seeds:
+                    s_g, total, loss_value, *grads = op.probe_contractions(xc, yc, chunk, probe, indices)
+                    out[a - lo:a - lo + len(chunk)] += weight * np.column_stack([s_g.numpy(), total.numpy()])
+                    if a == lo:
+                        loss_sum += weight * float(loss_value)
+                        weight_sum += weight
+                        if lo == 0:
+                            grads = [tf.cast(g, tf.float64) * weight for g in grads]
+                            grad_sum = grads if grad_sum is None else [u + v for u, v in zip(grad_sum, grads)]
+            state["done"] += hi - lo
             if bar is not None:
-                bar.update(done)
-        n_batches += 1
-    finish(bar, done)
-    samples /= weight_sum
-    totals /= weight_sum
+                bar.update(state["done"])
+            n_batches += 1
+        loss = (loss_sum / weight_sum, weight_sum)
+        if lo == 0:
+            state.update(loss=loss, n_batches=n_batches, grad_sum=grad_sum)
+        elif not (loss[1] == state["loss"][1] and np.isclose(loss[0], state["loss"][0], rtol=1e-5, atol=0)):
+            raise ValueError(f"The data gave other batches on another pass (loss {loss[0]:.8g} over {loss[1]} examples, "
+                             f"first {state['loss'][0]:.8g} over {state['loss'][1]}): rel_stderr needs the same batches "
+                             "on every pass (no reshuffling, no random augmentation).")
+        return out / weight_sum
+
+    if rel_stderr is None:
+        both = contract(0, num_probes)
+    else:
+        both = run_until_met(contract, num_probes, rel_stderr, max_probes, per_call)
+    finish(bar, state["done"])
+    samples, totals = both[:, :-1], both[:, -1]
+    weight_sum, grad_sum = state["loss"][1], state["grad_sum"]
     squares = np.array([float(tf.reduce_sum(tf.square(g))) for g in grad_sum]) / weight_sum**2
     result = GroupTraces(
         groups=names,
         samples=samples,
         total_samples=totals,
         group_sizes=sizes,
-        loss=loss_sum / weight_sum,
-        num_batches=n_batches,
+        loss=state["loss"][0],
+        num_batches=state["n_batches"],
         probe=probe,
         seed=int(seed),
         mode=op.mode,
         gradient_norms=np.sqrt(np.array([squares[list(idx)].sum() for idx in indices])),
         gradient_norm=float(np.sqrt(squares.sum())),
+        rel_stderr_target=rel_stderr,
+        target_met=None if rel_stderr is None else target_met(samples, rel_stderr),
+        total_target_met=None if rel_stderr is None else bool(target_met(totals[:, None], rel_stderr)[0]),
     )
+    if rel_stderr is not None and result.finite and not (np.all(result.target_met) and result.total_target_met):
+        missed = [n for n, ok in zip(names, result.target_met) if not ok] + ([] if result.total_target_met else ["total"])
+        warnings.warn(f"rel_stderr={rel_stderr:g} not met after max_probes={max_probes} probes by: {', '.join(missed)} "
+                      f"(relative stderr {', '.join(f'{v:.3g}' for v in result.rel_stderr[~result.target_met])}"
+                      f"{'' if result.total_target_met else f'; total {abs(result.total_stderr / result.total):.3g}'}). "
+                      "A trace near 0 never meets a relative target.", RuntimeWarning, stacklevel=2)
     if not result.finite:
         warnings.warn(
             f"Non-finite Hessian trace (loss {result.loss}): the result is flagged finite=False.",
