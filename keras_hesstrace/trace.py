@@ -245,6 +245,9 @@ def layer_traces(
         ['trace', 'stderr', 'rel_stderr', 'num_params', 'num_probes', 'gradient_norm']
         >>> bool(np.isclose(result.trace.sum(), result.total))   # the layers cover the model
         True
+        >>> aimed = layer_traces(model, x, y, num_probes=10, seed=0, rel_stderr=0.2, groups="head")
+        >>> bool(aimed.target_met[0] and aimed.rel_stderr[0] <= 0.2), aimed.num_probes >= 10
+        (True, True)
     """
     num_probes = check_integer("num_probes", num_probes)
     rel_stderr, max_probes = check_target(rel_stderr, max_probes, num_probes)

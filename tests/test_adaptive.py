@@ -186,3 +186,16 @@ def test_rounds_reuse_the_compiled_probe_function():
                                 rel_stderr=0.25, probes_per_call=per_call)
             assert np.all(r.target_met) and r.num_probes > 8 and r.num_probes % per_call == 0  # several rounds, whole calls
         assert op.tracing_count() == count
+
+
+def test_a_non_finite_pilot_stops_at_once_and_is_flagged():
+    model = mt.mlp()
+    x, y = mt.data()
+    x = x.copy()
+    x[0, 0] = np.nan
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = kh.layer_traces(model, x, y, num_probes=4, seed=0, loss=xent64(), rel_stderr=0.1)
+    messages = [str(w.message) for w in caught]
+    assert any("Non-finite" in m for m in messages) and not any("not met" in m for m in messages)
+    assert r.num_probes == 4 and not r.finite and not np.any(r.target_met)
