@@ -243,6 +243,25 @@ def _experiment(args):
     return 0
 
 
+def _study(args):
+    """Run (or resume) PyHessian's architecture study, or print its plan."""
+    import json
+
+    from keras_hesstrace.experiments import study_config  # the settings: no TensorFlow yet
+
+    config = study_config.study_preset(args.preset)
+    if args.plan:
+        print(json.dumps(study_config.study_plan(config, args.step_seconds, args.hvp_seconds), indent=1))
+        return 0
+    if args.out is None:
+        raise CLIError("--out is required (the folder the study writes to, and resumes from).")
+    out = writable_folder(args.out, "--out")
+    from keras_hesstrace.experiments.study import run_study
+
+    run_study(config, out)
+    return 0
+
+
 # ===================================================================== analysis CLI
 
 TRACEBACK_ENV = "KERAS_HESSTRACE_TRACEBACK"
@@ -409,6 +428,21 @@ def build_parser():
             settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_parse_field(hints[f.name]),
                                   metavar=_metavar(hints[f.name]), help=text)
     exp.set_defaults(func=_experiment)
+    study = sub.add_parser(
+        "study",
+        help="PyHessian's architecture study: ResNet variants' eigenvalues, trace, per-stage "
+             "traces, SLQ density and loss landscape at checkpoints; resumable",
+        description="Train the preset's ResNet variants and measure their Hessians at the checkpoint "
+                    "epochs (docs/pyhessian-study.md). Rerun with the same --out to resume.")
+    study.add_argument("--preset", choices=("tiny", "cpu-small", "paper"), required=True,
+                       help="tiny (seconds), cpu-small (offline digits, 2 CPU cores), paper (CIFAR-10)")
+    study.add_argument("--out", default=None, help="output folder (required unless --plan)")
+    study.add_argument("--plan", action="store_true", help="print the steps and HVPs the preset costs, and exit")
+    study.add_argument("--step-seconds", type=POSITIVE, default=None,
+                       help="with --plan: measured seconds per optimiser step, for a time estimate")
+    study.add_argument("--hvp-seconds", type=POSITIVE, default=None,
+                       help="with --plan: measured seconds per HVP on the Hessian batch")
+    study.set_defaults(func=_study)
     for command in sub.choices.values():
         command.add_argument("--traceback", action="store_true",
                              help=f"on an error, print the full traceback too (or set {TRACEBACK_ENV}=1)")

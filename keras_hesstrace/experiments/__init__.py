@@ -6,6 +6,8 @@ Public API:
     summarize(config, out)                 the Table-1 summary and plots from finished runs
     plan(config)                           runs, optimiser steps and HVPs the config costs
     run_demo(out, ...)                     the README's offline demo on the bundled digits
+    StudyConfig, study_preset, study_plan  PyHessian's architecture study: settings and cost
+    run_study(config, out)                 the study: train, measure, summarise, resumable
 
 Modules of the memorisation experiment:
     config      ExperimentConfig, the presets, the run grid (RunSpec, run_specs, plan)
@@ -24,6 +26,7 @@ Modules of the memorisation experiment:
 import importlib as _importlib
 
 from keras_hesstrace.experiments.config import PRESETS, ExperimentConfig, plan, preset
+from keras_hesstrace.experiments.study_config import StudyConfig, study_plan, study_preset
 
 # The settings (config) need no TensorFlow: the command line builds its flags from them in a
 # fraction of a second. What trains, scores and reports is imported on first use (PEP 562).
@@ -31,6 +34,7 @@ _LAZY = {
     "summarize": "keras_hesstrace.experiments.report",
     "run_experiment": "keras_hesstrace.experiments.runner",
     "run_demo": "keras_hesstrace.experiments.demo",
+    "run_study": "keras_hesstrace.experiments.study",
 }
 
 
@@ -50,4 +54,4 @@ def __dir__():
 
 
 __all__ = ["ExperimentConfig", "PRESETS", "preset", "plan", "run_experiment", "summarize",
-           "run_demo"]
+           "run_demo", "StudyConfig", "study_preset", "study_plan", "run_study"]
