@@ -168,9 +168,9 @@ _PYHESSIAN_VARIANTS = ["resnet20", "resnet20-nobn", "resnet20-nores",
 PRESETS = {
     # seconds: the tests' end-to-end run (two ResNet-8s, a few hundred digits, 2 epochs)
     "tiny": dict(name="tiny", variants=["resnet8", "resnet8-nobn"], epochs=2, batch_size=32,
-                 learning_rate=0.05, checkpoints=[1, 2], train_examples=320,
-                 hessian_batch_size=64, top_k=2, eigen_iters=8, trace_probes=10,
-                 density_runs=1, density_steps=8, landscape_grid=3, landscape_span=0.5),
+                 learning_rate=0.05, checkpoints=[1, 2], train_examples=256,
+                 hessian_batch_size=32, top_k=2, eigen_iters=6, trace_probes=8,
+                 density_runs=1, density_steps=6, landscape_grid=3, landscape_span=0.5),
     # offline on 2 CPU cores: PyHessian's nine variants on the digits at 16x16x1 (not yet run)
     "cpu-small": dict(name="cpu-small", variants=list(_PYHESSIAN_VARIANTS), epochs=20,
                       batch_size=64, learning_rate=0.05, checkpoints=[5, 20],
