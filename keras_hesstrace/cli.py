@@ -1,31 +1,37 @@
-"""The ``keras-hesstrace`` command line."""
+"""The ``keras-hesstrace`` command line: the parser, the subcommands' entry points, ``main``.
+
+Its flag types and the experiment settings as flags are in :mod:`keras_hesstrace.cli_flags`,
+the quiet TensorFlow start-up in :mod:`keras_hesstrace.cli_quiet`, what the analysis commands
+read in :mod:`keras_hesstrace.cli_inputs` and what they compute and write in
+:mod:`keras_hesstrace.cli_commands`.
+"""
 
 import argparse
-import contextlib
-import importlib.abc
-import importlib.util
-import math
 import os
-import re
 import sys
-import tempfile
 import time
 
 # Nothing here imports TensorFlow: `keras-hesstrace --help` and every refused flag answer in a
 # fraction of a second. The commands import what they need (cli_commands, the experiments'
 # runner) when they run, after the flags were checked.
+from keras_hesstrace.cli_flags import (
+    COUNT,
+    POSITIVE,
+    OneLineParser,
+    field_help,
+    flag_of_setting,
+    metavar_of,
+    number_type,
+    parse_field,
+    show_value,
+)
 from keras_hesstrace.cli_inputs import CLIError, first_line, writable_folder
+from keras_hesstrace.cli_quiet import quiet_tensorflow
 
 # keras_hesstrace.hvp's MODES and DEFAULT_MODE, without importing TensorFlow for them
 # (tests/test_cli.py checks they agree).
 MODES = ("auto", "forward", "reverse")
 DEFAULT_MODE = "auto"
-
-# TensorFlow's C++ log level while a command runs, unless --verbose or the user's own setting:
-# 3 hides its C++ errors too, which on a CPU are notices ("oneDNN supports DT_INT32 only on
-# platforms with AVX-512"); a real failure still raises a Python exception, printed as one line.
-QUIET_TF_LOG_LEVEL = "3"
-
 
 def __getattr__(name):
     if name == "commands":  # the analysis commands (cli_commands), imported on first use
@@ -48,48 +54,6 @@ def _command(name):
 # ===================================================================== flag checks
 
 
-def _number(kind, minimum=None, maximum=None, low_open=False, high_open=False):
-    """An argparse type: a ``kind`` (int or float) in a range; its message names the range.
-
-    Refused at parse time, so a bad flag is one line and exit 2 before anything is loaded.
-    """
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        too_low = minimum is not None and (value <= minimum if low_open else value < minimum)
-        too_high = maximum is not None and (value >= maximum if high_open else value > maximum)
-        if too_low or too_high:
-            if minimum is not None and maximum is not None:
-                span = f"in {'(' if low_open else '['}{minimum}, {maximum}{')' if high_open else ']'}"
-            elif minimum is not None:
-                span = f"{'>' if low_open else '>='} {minimum}"
-            else:
-                span = f"{'<' if high_open else '<='} {maximum}"
-            raise argparse.ArgumentTypeError(f"must be {span}, got {text}")
-        return value
-    parse.__name__ = kind.__name__
-    return parse
-
-
-COUNT = _number(int, 1)  # a whole number >= 1
-POSITIVE = _number(float, 0, low_open=True)
-
-
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line: what is wrong and where to look."""
-
-    def error(self, message):
-        import re
-
-        message = re.sub(r"^argument (\S+): must be ", r"\1 must be ", message)  # --num-probes must be >= 1, ...
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
-
-
 def _demo(args):
     """Calibrate the alert on clean digits runs, then watch a noisy-label run live."""
     from keras_hesstrace.experiments import run_demo
@@ -102,105 +66,6 @@ def _demo(args):
              probe_batch_size=args.probe_batch_size)
     print(f"Demo finished in {time.perf_counter() - start:.0f} s.")
     return 0
-
-
-def _parse_field(kind):
-    """An argparse type for an ExperimentConfig field annotation (lists: comma-separated)."""
-    import typing
-
-    origin = typing.get_origin(kind)
-    args = typing.get_args(kind)
-    if origin is typing.Union:  # Optional[X]
-        inner = _parse_field(next(a for a in args if a is not type(None)))
-        return lambda text: None if text.lower() in ("none", "null", "") else inner(text)
-    if origin in (list, typing.List):
-        item = _parse_field(args[0])
-        return lambda text: [item(t) for t in text.split(",") if t.strip()]
-    if kind is bool:
-        def parse_bool(text):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-        return parse_bool
-    return kind
-
-
-def _metavar(kind):
-    """A metavar for an ExperimentConfig field annotation."""
-    import typing
-
-    args = typing.get_args(kind)
-    if typing.get_origin(kind) is typing.Union:
-        return _metavar(next(a for a in args if a is not type(None)))
-    if typing.get_origin(kind) in (list, typing.List):
-        return f"{_metavar(args[0])},..."
-    return {int: "N", float: "X", str: "TEXT"}.get(kind, "VALUE")
-
-
-def _show(value):
-    """A setting's value as the flag takes it (lists comma-separated)."""
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return "none" if value is None else str(value)
-
-
-# Fields documented together in ExperimentConfig's docstring, each said on its own.
-_OWN_HELP = {
-    "epochs": "training epochs per run",
-    "batch_size": "SGD mini-batch size",
-    "learning_rate": "SGD learning rate",
-    "momentum": "SGD momentum",
-    "weight_decay": "the L2 coefficient lambda (gradient lambda * W)",
-}
-
-
-def field_help(cls):
-    """One line of help per field, from the ``Attributes:`` section of ``cls``'s docstring.
-
-    The first sentence of each entry, without reST markup; fields documented together
-    (``a, b: ...``) share it unless ``_OWN_HELP`` says each on its own.
-    """
-    import inspect
-    import re
-
-    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
-    entries, names = {}, None
-    if "Attributes:" in lines:
-        for line in lines[lines.index("Attributes:") + 1:]:
-            match = re.match(r"^    ([a-z_0-9]+(?:, [a-z_0-9]+)*): ?(.*)$", line)
-            if match:
-                names = match.group(1).split(", ")
-                for name in names:
-                    entries[name] = match.group(2)
-            elif line.startswith("        ") and names:
-                for name in names:
-                    entries[name] += " " + line.strip()
-            elif line.strip():
-                names = None
-    helps = {}
-    for name, text in entries.items():
-        text = re.sub(r"``|:[a-z]+:`([^`]*)`", lambda m: m.group(1) or "", text).strip()
-        first = re.split(r"(?<=[.;])\s+(?=[A-Z(])", text)[0].rstrip(".;")
-        helps[name] = first
-    helps.update(_OWN_HELP)
-    return helps
-
-
-def _flag_of_setting(message, names, given=()):
-    """The flag of the setting that ``message`` (a config's ValueError) names, or None.
-
-    Of several, the first the user gave as a flag (``given``), else the first named.
-    """
-    import re
-
-    named = [n for n in re.findall(r"[a-z][a-z0-9_]*", message) if n in names]
-    for name in [n for n in named if n in given] + named:
-        return "--" + name.replace("_", "-")
-    return None
 
 
 def _experiment(args):
@@ -223,7 +88,7 @@ def _experiment(args):
             config = mem.ExperimentConfig.from_dict({**config.to_dict(), **overrides})
         config.validate()
     except ValueError as err:  # name the flag as well as the setting
-        flag = _flag_of_setting(str(err), {f.name for f in dataclasses.fields(mem.ExperimentConfig)}, overrides)
+        flag = flag_of_setting(str(err), {f.name for f in dataclasses.fields(mem.ExperimentConfig)}, overrides)
         if flag is None:
             raise
         raise CLIError(f"{flag}: {first_line(err)}") from None
@@ -300,7 +165,7 @@ def _common(p):
 def build_parser():
     from keras_hesstrace._version import __version__
 
-    parser = _Parser(
+    parser = OneLineParser(
         prog="keras-hesstrace",
         description="Layer-wise Hessian traces of Keras models: one Hessian-vector product per probe gives every layer's trace. "
                     "Also the PyHessian toolset (top eigenvalues, spectral density, loss landscape) on a saved model.",
@@ -308,7 +173,7 @@ def build_parser():
                "'keras-hesstrace COMMAND --help' explains each command.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     demo = sub.add_parser(
         "demo",
         help="offline demo on the bundled digits: calibrate on clean runs, alert on a "
@@ -316,9 +181,9 @@ def build_parser():
     demo.add_argument("--out", default="hesstrace-demo",
                       help="output folder: CSV, TensorBoard logs, calibration, PNG (default hesstrace-demo)")
     demo.add_argument("--epochs", type=COUNT, default=10, help="epochs per run (default 10)")
-    demo.add_argument("--clean-runs", type=_number(int, 3), default=4,
+    demo.add_argument("--clean-runs", type=number_type(int, 3), default=4,
                       help="clean calibration runs, >= 3 (default 4)")
-    demo.add_argument("--noise-rate", type=_number(float, 0, 1, low_open=True, high_open=True), default=0.4,
+    demo.add_argument("--noise-rate", type=number_type(float, 0, 1, low_open=True, high_open=True), default=0.4,
                       help="label noise of the monitored run, in (0, 1) (default 0.4)")
     demo.add_argument("--every-n-steps", type=COUNT, default=22,
                       help="optimiser steps between trace snapshots (default 22, two per epoch)")
@@ -420,13 +285,13 @@ def build_parser():
         default = mem.PRESETS["cpu-small"].get(
             f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, f.name.replace('_', ' '))} [cpu-small: {_show(default)}]"
+        text = f"{helps.get(f.name, f.name.replace('_', ' '))} [cpu-small: {show_value(default)}]"
         if hints[f.name] is bool:  # a switch: --augment / --no-augment
             settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS,
                                   action=argparse.BooleanOptionalAction, help=text)
         else:
-            settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=_parse_field(hints[f.name]),
-                                  metavar=_metavar(hints[f.name]), help=text)
+            settings.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=parse_field(hints[f.name]),
+                                  metavar=metavar_of(hints[f.name]), help=text)
     exp.set_defaults(func=_experiment)
     study = sub.add_parser(
         "study",
@@ -476,84 +341,6 @@ def check_flag_combinations(args):
     if args.command == "demo" and args.train_examples is not None and args.train_examples < args.probe_batch_size:
         raise CLIError(f"--train-examples {args.train_examples} must be at least --probe-batch-size "
                        f"({args.probe_batch_size}).")
-
-
-# TensorFlow's start-up lines: the absl notice, its info and warning lines (glog format),
-# and the error that there is no GPU driver -- on a machine without a GPU, no error at all.
-_TF_NOISE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR"
-    r"|[IW]\d{4} [\d:.]+ +\d+ \S+:\d+\] .*"
-    r"|E\d{4} [\d:.]+ +\d+ \S+:\d+\] .*(cuInit|CUDA|cuda).*"
-    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)$")
-
-
-@contextlib.contextmanager
-def _tensorflow_noise_dropped():
-    """Drop TensorFlow's start-up lines from stderr (file descriptor 2) inside the block.
-
-    What else the block writes to stderr is written after it, in order.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as caught:
-        os.dup2(caught.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            caught.seek(0)
-            kept = [line for line in caught.read().decode("utf-8", "replace").splitlines()
-                    if not _TF_NOISE.match(line)]
-            if kept:
-                sys.stderr.write("\n".join(kept) + "\n")
-                sys.stderr.flush()
-
-
-class _QuietTensorFlowImport(importlib.abc.MetaPathFinder):
-    """Imports TensorFlow, when something first does, with its start-up lines dropped.
-
-    TF 2.21 writes lines before its logging starts -- "oneDNN custom operations are on",
-    "Could not find cuda drivers" -- that TF_CPP_MIN_LOG_LEVEL does not silence, and the
-    cuInit error when it looks for a GPU. They are written by C++ straight to file
-    descriptor 2, so the import (and the device lookup) runs with it caught.
-    """
-
-    def find_spec(self, name, path=None, target=None):
-        if name != "tensorflow":
-            return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        real = spec.loader.exec_module
-
-        def exec_module(module):
-            with _tensorflow_noise_dropped():
-                real(module)
-                try:
-                    module.config.list_physical_devices()  # the GPU lookup and its cuInit error, now
-                except Exception:
-                    pass
-
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-def quiet_tensorflow():
-    """Quiet TensorFlow for this command (not with --verbose); a log level the user set wins.
-
-    TF_CPP_MIN_LOG_LEVEL=3 (TensorFlow reads it once, when first imported: the commands
-    import it after this runs) hides its C++ info, warning and error logs; the lines it writes
-    before its logging starts are dropped by importing it through _QuietTensorFlowImport.
-    """
-    if "tensorflow" in sys.modules:
-        return  # too late to change anything
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_TF_LOG_LEVEL)  # the user's own setting wins
-    if not any(isinstance(f, _QuietTensorFlowImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _QuietTensorFlowImport())
 
 
 def main(argv=None):
