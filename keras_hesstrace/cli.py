@@ -203,7 +203,13 @@ def build_parser():
         epilog="Example: keras-hesstrace estimate model.keras --data digits --num-probes 20 --out results/",
     )
     _common(est)
-    est.add_argument("--num-probes", type=COUNT, default=20, help="Hutchinson probes, one HVP each (default 20)")
+    est.add_argument("--num-probes", type=COUNT, default=20,
+                     help="Hutchinson probes, one HVP each (default 20); with --rel-stderr, the first round")
+    est.add_argument("--rel-stderr", type=number_type(float, 0, 1, low_open=True, high_open=True), default=None,
+                     metavar="R", help="draw probes until every reported group's (and the total's) standard "
+                                       "error is at most R times its trace, e.g. 0.05, or --max-probes is spent")
+    est.add_argument("--max-probes", type=COUNT, default=None, metavar="N",
+                     help="with --rel-stderr: the most probes to draw (default 1000)")
     est.set_defaults(func=_command("run_estimate"))
 
     eig = sub.add_parser(
@@ -338,6 +344,8 @@ def check_flag_combinations(args):
     if args.command == "eigen" and args.method == "power" and args.which == "LA":
         raise CLIError("--which LA needs --method lanczos (or auto): power iteration finds the "
                        "largest-magnitude eigenvalues only.")
+    if args.command == "estimate" and args.max_probes is not None and args.rel_stderr is None:
+        raise CLIError("--max-probes only applies with --rel-stderr (without it, --num-probes is the count).")
     if args.command == "demo" and args.train_examples is not None and args.train_examples < args.probe_batch_size:
         raise CLIError(f"--train-examples {args.train_examples} must be at least --probe-batch-size "
                        f"({args.probe_batch_size}).")

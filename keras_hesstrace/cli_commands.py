@@ -96,6 +96,8 @@ def with_total(frame, result, num_params=None):
     row = {column: np.nan for column in frame.columns}
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = abs(result.total_stderr / result.total) if result.total else float("nan")
+    if getattr(result, "rel_stderr_target", None) is not None:
+        row.update(rel_stderr_target=result.rel_stderr_target, target_met=bool(result.total_target_met))
     row.update(trace=result.total, stderr=result.total_stderr, rel_stderr=rel,
                num_params=int(np.sum(result.group_sizes)) if num_params is None else int(num_params), num_probes=result.num_probes,
                gradient_norm=getattr(result, "gradient_norm", np.nan))
@@ -110,8 +112,9 @@ def run_estimate(args):
     from keras_hesstrace import plots
 
     model, data, labels, loss, meta = prepare(args)
+    target = {} if args.rel_stderr is None else {"rel_stderr": args.rel_stderr, "max_probes": args.max_probes or 1000}
     result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, by=args.by, groups=selected_groups(args),
-                             seed=args.seed, loss=loss, mode=args.mode, verbose=1)
+                             seed=args.seed, loss=loss, mode=args.mode, verbose=1, **target)
     frame = result.to_frame()
     print()
     print(result)
@@ -123,6 +126,7 @@ def run_estimate(args):
             **meta, "command": "estimate", "mode_used": getattr(result, "mode", args.mode),
             "num_probes": result.num_probes, "loss_value": result.loss,
             "total_trace": result.total, "total_stderr": result.total_stderr,
+            "rel_stderr_target": args.rel_stderr,
             "groups_table": frame.reset_index().to_dict(orient="records"),
         })
         plots.plot_traces(frame, os.path.join(out, "traces.png"), total=result.total, total_stderr=result.total_stderr, by=args.by,

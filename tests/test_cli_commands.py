@@ -7,6 +7,7 @@ import sys
 import uuid
 
 import numpy as np
+import pandas as pd
 import pytest
 import keras
 
@@ -157,6 +158,7 @@ def test_explicit_loss_for_a_model_saved_without_one(saved, capsys):
 
 LAYERS = """
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 import keras
 
@@ -440,3 +442,29 @@ def test_trace_plot_goes_log_when_the_estimates_span_decades():
     assert fig.axes[0].get_xscale() == "log" and "largest 'c'" in fig.axes[0].get_title()
     frame.loc["b", "trace"] = -1.0
     assert plots.traces_figure(frame).axes[0].get_xscale() == "linear"
+
+
+def test_estimate_to_a_relative_standard_error(saved, capsys):
+    """--rel-stderr draws probes until each group and the total meet it (issue 17)."""
+    out_dir = saved / "est-target"
+    code, out, err = _run(["estimate", str(saved / "m.keras"), *SMALL, "--num-probes", "4", "--rel-stderr", "0.5",
+                           "--max-probes", "64", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    frame = pd.read_csv(out_dir / "traces.csv", index_col=0)
+    assert list(frame.index) == ["conv", "head", "total"]
+    assert frame["rel_stderr_target"].eq(0.5).all()
+    met = frame["target_met"].astype(bool)
+    assert (frame.loc[met, "rel_stderr"] <= 0.5).all()  # a group marked met really is
+    assert 4 <= frame["num_probes"].iloc[0] <= 64
+    payload = json.loads((out_dir / "estimate.json").read_text(), parse_constant=pytest.fail)
+    assert payload["rel_stderr_target"] == 0.5 and payload["num_probes"] == frame["num_probes"].iloc[0]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rel-stderr", "1.5"], "--rel-stderr must be in (0, 1), got 1.5"),
+    (["--max-probes", "50"], "--max-probes only applies with --rel-stderr"),
+])
+def test_a_bad_target_is_one_line_before_loading(saved, capsys, monkeypatch, argv, message):
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("loaded before checking the flags"))
+    code, out, err = _run(["estimate", str(saved / "m.keras"), *SMALL, *argv], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
