@@ -30,6 +30,18 @@ def _finite(value):
             and math.isfinite(value))
 
 
+def check_sgd(learning_rate, momentum, weight_decay):
+    """Refuse SGD settings that are not finite numbers in range (``ValueError`` naming the
+    setting): learning_rate > 0, momentum in [0, 1), weight_decay >= 0. Shared by the
+    memorisation experiment's and the architecture study's configs."""
+    if not (_finite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}.")
+    if not (_finite(momentum) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}.")
+    if not (_finite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
+
+
 @dataclass
 class ExperimentConfig:
     """Settings of the memorisation experiment (every field is a CLI flag ``--field-name``).
@@ -188,12 +200,7 @@ class ExperimentConfig:
         if not (_finite(self.delta) and self.delta >= 0):
             raise ValueError(f"delta (the Page-Hinkley allowance) must be finite and >= 0, got {self.delta!r}.")
         check_integer("n_resamples", self.n_resamples, minimum=100)
-        if not (_finite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}.")
-        if not (_finite(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-        if not (_finite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        check_sgd(self.learning_rate, self.momentum, self.weight_decay)
         check_integer("seed_offset", self.seed_offset, minimum=0)
         check_integer("train_examples", self.train_examples, none="all examples")
         check_integer("probe_batch_seed", self.probe_batch_seed, minimum=0, none="a batch per run")

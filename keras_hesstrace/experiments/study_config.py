@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from keras_hesstrace._validate import check_integer
+from keras_hesstrace.experiments.config import check_sgd
 
 STUDY_DATASETS = ("digits16", "cifar10", "cifar100")
 STAGES = ("stage1", "stage2", "stage3")
@@ -128,14 +129,11 @@ class StudyConfig:
                              f"{self.checkpoints!r}.")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"schedule must be 'cosine' or 'constant', got {self.schedule!r}.")
-        for name, low in (("learning_rate", 0.0), ("landscape_span", 0.0)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
-                raise ValueError(f"{name} must be a finite number > {low:g}, got {value!r}.")
-        if not (isinstance(self.momentum, (int, float)) and 0 <= self.momentum < 1):
-            raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        check_sgd(self.learning_rate, self.momentum, self.weight_decay)
+        span = self.landscape_span
+        if not (isinstance(span, (int, float)) and not isinstance(span, bool)
+                and math.isfinite(span) and span > 0):
+            raise ValueError(f"landscape_span must be a finite number > 0, got {span!r}.")
         if self.augment and self.dataset == "digits16":
             raise ValueError("augment is the CIFAR crop+flip; it makes no sense for the digits.")
         n_train = _TRAIN_SIZES[self.dataset] if self.train_examples is None else self.train_examples
