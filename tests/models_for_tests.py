@@ -132,3 +132,24 @@ def copy_weights(source, target):
     for layer in source.layers:
         if layer.weights:
             target.get_layer(layer.name).set_weights(layer.get_weights())
+
+
+# ------------------------------------------------ float32 classifier for callback tests
+
+
+def training_classifier(seed=0, hidden=8):
+    """A compiled float32 classifier [*, 4] -> 3 logits (layers "hidden", "head"), SGD 0.05:
+    the model the callback tests train."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)),
+                              keras.layers.Dense(hidden, activation="tanh", name="hidden"),
+                              keras.layers.Dense(3, name="head")])
+    model.compile(optimizer=keras.optimizers.SGD(0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def training_data(n=64, seed=0):
+    """x float32 [n, 4] (standard normal), y int [n] in 0..2, for :func:`training_classifier`."""
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, size=n)

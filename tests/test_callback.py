@@ -13,20 +13,8 @@ from keras_hesstrace.monitor import (
 )
 from keras_hesstrace.monitor.callback import snapshot_seed
 from keras_hesstrace.trace import layer_traces
-
-
-def small_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
-                              keras.layers.Dense(3, name="head")])
-    model.compile(optimizer=keras.optimizers.SGD(0.05),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, size=n)
+from models_for_tests import training_classifier as small_model
+from models_for_tests import training_data as data
 
 
 def read_scalars(log_dir):

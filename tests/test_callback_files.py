@@ -21,25 +21,12 @@ from keras_hesstrace.identity import model_fingerprint
 from keras_hesstrace.monitor import Baseline, Calibration, HessianTraceCallback, PageHinkley
 from keras_hesstrace.monitor.calibration import calibrate_threshold
 from keras_hesstrace.monitor.csv_log import check_csv_path
+from models_for_tests import training_classifier as small_model
+from models_for_tests import training_data as data
 
 FIT = dict(batch_size=16, verbose=0, shuffle=False)  # 64 examples: 4 steps an epoch
 COMPARED = ["step", "group", "trace", "stderr", "num_probes", "probe_seed", "status"]
 DETECTOR_COLUMNS = ["h", "z", "g_pos", "g_neg", "alert"]
-
-
-def small_model(seed=0, hidden=8):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)),
-                              keras.layers.Dense(hidden, activation="tanh", name="hidden"),
-                              keras.layers.Dense(3, name="head")])
-    model.compile(optimizer=keras.optimizers.SGD(0.05),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, size=n)
 
 
 X, Y = data()

@@ -11,7 +11,6 @@ import time
 import urllib.parse
 import urllib.request
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -19,25 +18,13 @@ import tensorflow as tf
 from keras_hesstrace.monitor.baseline import Baseline
 from keras_hesstrace.monitor.callback import HessianTraceCallback
 from keras_hesstrace.monitor.page_hinkley import PageHinkley
+from models_for_tests import training_classifier as small_model
+from models_for_tests import training_data as data
 
 pytest.importorskip("tensorboard")
 
 FIT = dict(batch_size=16, shuffle=False)  # 64 examples: 4 steps an epoch
 H = 1.0
-
-
-def small_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh", name="hidden"),
-                              keras.layers.Dense(3, name="head")])
-    model.compile(optimizer=keras.optimizers.SGD(0.05),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def data(n=64, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, size=n)
 
 
 def alerting_detector():
