@@ -39,7 +39,7 @@ _PUBLIC = {
     "HessianOperator": "keras_hesstrace.hvp",
     "hessian_operator": "keras_hesstrace.hvp",
     "layer_traces": "keras_hesstrace.trace",
-    "GroupTraces": "keras_hesstrace.trace",
+    "GroupTraces": "keras_hesstrace.group_traces",
     "layer_groups": "keras_hesstrace.groups",
     "top_eigenvalues": "keras_hesstrace.spectrum",
     "hessian_trace": "keras_hesstrace.spectrum",

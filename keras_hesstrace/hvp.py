@@ -38,10 +38,9 @@ from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace.distribute import effective_strategy, shard_batch
 from keras_hesstrace.groups import check_model
-from keras_hesstrace.hvp_bodies import hvp_body, hvp_body_many
+from keras_hesstrace.hvp_bodies import coordinate_vectors, hvp_body, hvp_body_many, random_vectors
 from keras_hesstrace.losses import loss_key, make_objective
 from keras_hesstrace.mode_check import ModeCheck, check_modes, forward_fallback, forward_unsafe_layers
-from keras_hesstrace.probes import draw_probe
 
 MODES = ("auto", "forward", "reverse")
 # "auto" checks forward against reverse once per operator and prefers forward, the mode
@@ -254,7 +253,7 @@ class HessianOperator:
         out = weighted_mean(one, data, num_batches)
         return out[:-1], out[-1]
 
-    def probe_contractions(self, x, y, seeds, probe, group_positions):
+    def probe_contractions(self, x, y, seeds, probe, group_positions, support=None):
         """P probes in one compiled call: draw each v, compute Hv, contract per group.
 
         Args:
@@ -264,6 +263,9 @@ class HessianOperator:
                 first backward pass.
             probe: "rademacher" or "gaussian".
             group_positions: tuple of tuples of positions into ``self.variables``.
+            support: None (v over every variable), or float32 [len(variables)] of 0/1:
+                the same draw with the variables of 0 zeroed (a probe restricted to a
+                set of groups; one compiled function serves every support).
 
         Returns:
             (s, total, loss, *grads): s float64 [P, G] with s[p, g] = Σ_{var in g}
@@ -271,16 +273,37 @@ class HessianOperator:
             operator, the loss, then the loss's gradient, one tensor per variable of
             ``self.variables`` (from the same pass; float64 under a strategy).
         """
+        variables = self.variables
+        if support is None:
+            return self._contractions(("probe", probe), lambda seeds: random_vectors(variables, seeds, probe),
+                                      x, y, (seeds,), group_positions)
+        return self._contractions(("probe", probe, "support"),
+                                  lambda seeds, mask: random_vectors(variables, seeds, probe, mask),
+                                  x, y, (seeds, tf.convert_to_tensor(support, tf.float32)), group_positions)
+
+    def coordinate_contractions(self, x, y, index, sign, group_positions):
+        """P coordinate vectors in one compiled call: v = Σ_j sign[p, j] e_(j, index[p, j]).
+
+        Variable j's block of vector p is zero except its flat entry ``index[p, j]`` (-1:
+        all zero), which is ``sign[p, j]`` (the coordinate design of
+        :mod:`keras_hesstrace.schemes`). Returns what :meth:`probe_contractions` returns.
+
+        Args:
+            index: int32 [P, len(variables)]; sign: float32 [P, len(variables)].
+        """
+        variables = self.variables
+        return self._contractions(("coordinates",), lambda index, sign: coordinate_vectors(variables, index, sign),
+                                  x, y, (tf.convert_to_tensor(index, tf.int32), tf.convert_to_tensor(sign, tf.float32)),
+                                  group_positions)
+
+    def _contractions(self, kind, make_vectors, x, y, args, group_positions):
+        """Compiled: vectors = make_vectors(*args) (P of them), Hv each, contracted per group."""
         self.resolve_mode(x, y)
-        return self._forward_or_fallback(lambda: self._probe_contractions_in(self.mode, x, y, seeds, probe, group_positions))
-
-    def _probe_contractions_in(self, mode, x, y, seeds, probe, group_positions):
         variables, objective = self.variables, self.objective
-        num = int(seeds.shape[0])
 
-        def body(x, y, seeds):
-            vectors = [draw_probe(variables, seeds[i], probe) for i in range(num)]
-            loss, grads, hvs = hvp_body_many(objective, variables, x, y, vectors, mode)
+        def body(x, y, *args):
+            vectors = make_vectors(*args)
+            loss, grads, hvs = hvp_body_many(objective, variables, x, y, vectors, self.mode)
             rows, totals = [], []
             for v, hv in zip(vectors, hvs):
                 per_var = [tf.cast(tf.reduce_sum(a * b), tf.float64) for a, b in zip(v, hv)]
@@ -288,7 +311,8 @@ class HessianOperator:
                 totals.append(tf.add_n(per_var))
             return (tf.stack(rows), tf.stack(totals), tf.cast(loss, tf.float64), *grads)
 
-        return self._run(("probe", probe, group_positions, mode), body, x, y, seeds)
+        return self._forward_or_fallback(
+            lambda: self._run(kind + (group_positions, self.mode), body, x, y, *args))
 
 
 # The attribute of a model that holds its cached operators (hessian_operator); the callback

@@ -10,7 +10,10 @@ one-vector case. They hold no state and compile nothing: ``HessianOperator`` tra
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
+
+from keras_hesstrace.probes import draw_probe
 
 _ZERO = tf.UnconnectedGradients.ZERO
 
@@ -56,6 +59,34 @@ def hvp_body_many(objective, variables, x, y, vectors, mode):
             grads = _dense(tape.gradient(loss, variables, unconnected_gradients=_ZERO))
         hvs.append(_dense(acc.jvp(grads, unconnected_gradients=_ZERO)))
     return loss, grads, hvs
+
+
+def random_vectors(variables, seeds, probe, support=None):
+    """P probe vectors from the stateless seeds [P, 2] (``keras_hesstrace.probes.draw_probe``);
+    ``support`` float32 [len(variables)] of 0/1 zeroes the variables of 0."""
+    vectors = [draw_probe(variables, seeds[i], probe) for i in range(int(seeds.shape[0]))]
+    if support is not None:
+        vectors = [[v * tf.cast(support[j], v.dtype) for j, v in enumerate(vec)] for vec in vectors]
+    return vectors
+
+
+def coordinate_vectors(variables, index, sign):
+    """P vectors, each zero but for one signed entry per variable.
+
+    Args:
+        index: int32 [P, V]: the flat entry of variable j in vector p (-1: none).
+        sign: float32 [P, V]: its value.
+    """
+    out = []
+    for p in range(int(index.shape[0])):
+        vec = []
+        for j, var in enumerate(variables):
+            dtype = tf.as_dtype(var.dtype)
+            size = int(np.prod(var.shape))
+            flat = tf.one_hot(index[p, j], size, dtype=dtype) * tf.cast(sign[p, j], dtype)
+            vec.append(tf.reshape(flat, var.shape))
+        out.append(vec)
+    return out
 
 
 def _dense(tensors):

@@ -9,142 +9,21 @@ from __future__ import annotations
 
 import collections.abc
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import tensorflow as tf
 import keras
 
 from keras_hesstrace._progress import finish, progress_bar
 from keras_hesstrace._validate import check_integer, check_seed
-from keras_hesstrace.adaptive import check_target, relative_stderr, run_until_met, target_met
+from keras_hesstrace.adaptive import check_target, run_until_met, target_met
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
 from keras_hesstrace.losses import check_mean_reduction, resolve_loss
 from keras_hesstrace.probes import check_probe, probe_seed
-from keras_hesstrace.linalg.common import stderr as _stderr  # the one standard error (numpy core)
-
-
-@dataclass(frozen=True)
-class GroupTraces:
-    """Per-group Hutchinson trace estimates: what :func:`layer_traces` returns.
-
-    (Its earlier name ``TraceResult`` still works, with a DeprecationWarning. ``TraceEstimate`` is the one-number result of
-    ``hessian_trace``.)
-
-    Attributes:
-        groups: group names, length G.
-        samples: float64 [M, G]; samples[m, l] = <v_l, (H v)_l> for probe m
-            (averaged over batches in the full-dataset mode).
-        total_samples: float64 [M]; <v, H v> over all trainable variables
-            (equals samples.sum(1) when the groups cover every variable).
-        group_sizes: int [G], scalar parameters per group.
-        loss: the loss at the parameters (mean over the batches used).
-        num_batches: batches averaged over (1 for a single batch).
-        probe: the probe distribution.
-        seed: the base seed; probe m used the stateless seed (seed, m).
-        mode: how the Hessian-vector products were computed ("forward" or "reverse";
-            with ``mode="auto"`` the one the operator's check chose).
-        gradient_norms: float64 [G], the L2 norm of each group's block of the loss's
-            gradient on the same batch(es) (batch-weighted mean gradient), from the same
-            pass as the products; None where not computed.
-        gradient_norm: the L2 norm of the whole gradient (all the operator's variables).
-        rel_stderr_target: the target r of ``layer_traces(rel_stderr=r)``, or None (a
-            fixed probe count).
-        target_met: bool [G], whether each group's relative standard error is at most
-            r (None without a target).
-        total_target_met: the same for the total (None without a target).
-    """
-
-    groups: tuple
-    samples: np.ndarray
-    total_samples: np.ndarray
-    group_sizes: np.ndarray
-    loss: float
-    num_batches: int = 1
-    probe: str = "rademacher"
-    seed: int = 0
-    mode: str = "reverse"
-    gradient_norms: np.ndarray | None = None
-    gradient_norm: float = float("nan")
-    rel_stderr_target: float | None = None
-    target_met: np.ndarray | None = None
-    total_target_met: bool | None = None
-
-    @property
-    def num_probes(self) -> int:
-        return int(self.samples.shape[0])
-
-    @property
-    def trace(self) -> np.ndarray:
-        """float64 [G]: the estimate of tr(H_ll), the mean of the samples."""
-        return self.samples.mean(axis=0)
-
-    @property
-    def stderr(self) -> np.ndarray:
-        """float64 [G]: the sample standard error of the mean over probes (NaN for M < 2)."""
-        return _stderr(self.samples)
-
-    @property
-    def rel_stderr(self) -> np.ndarray:
-        """float64 [G]: |stderr / trace| (inf where the trace is 0, NaN for M < 2)."""
-        return relative_stderr(self.samples)
-
-    @property
-    def total(self) -> float:
-        """The estimate of the full trace tr(H)."""
-        return float(self.total_samples.mean())
-
-    @property
-    def total_stderr(self) -> float:
-        return float(_stderr(self.total_samples[:, None])[0])
-
-    @property
-    def finite(self) -> bool:
-        """False when the loss or any sample is NaN or infinite: then the numbers mean nothing."""
-        return bool(np.isfinite(self.loss) and np.all(np.isfinite(self.samples)) and np.all(np.isfinite(self.total_samples)))
-
-    def __getitem__(self, group):
-        """The trace estimate of one group, by name."""
-        try:
-            return float(self.trace[self.groups.index(group)])
-        except ValueError:
-            raise KeyError(f"No group {group!r}; groups are {list(self.groups)}") from None
-
-    def to_frame(self) -> pd.DataFrame:
-        """A pandas DataFrame indexed by group: trace, stderr, rel_stderr, num_params,
-        num_probes, gradient_norm; with a target (``rel_stderr=``), also
-        rel_stderr_target and target_met."""
-        frame = pd.DataFrame(
-            {
-                "trace": self.trace,
-                "stderr": self.stderr,
-                "rel_stderr": self.rel_stderr,
-                "num_params": self.group_sizes,
-                "num_probes": self.num_probes,
-                "gradient_norm": (np.full(len(self.groups), np.nan) if self.gradient_norms is None
-                                  else self.gradient_norms),
-            },
-            index=pd.Index(list(self.groups), name="group"),
-        )
-        if self.rel_stderr_target is not None:
-            frame["rel_stderr_target"] = float(self.rel_stderr_target)
-            frame["target_met"] = np.asarray(self.target_met, dtype=bool)
-        return frame
-
-    def __str__(self):
-        frame = self.to_frame()
-        lines = [frame.to_string(float_format=lambda v: f"{v:.4g}")]
-        lines.append(f"total trace {self.total:.6g} ± {self.total_stderr:.2g} (M={self.num_probes} probes, {self.num_batches} batch(es), loss {self.loss:.4g})")
-        if self.rel_stderr_target is not None:
-            missed = [n for n, ok in zip(self.groups, self.target_met) if not ok] + ([] if self.total_target_met else ["total"])
-            lines.append(f"target rel_stderr {self.rel_stderr_target:g}: " + ("met by every group and the total" if not missed
-                                                                               else "NOT met by " + ", ".join(missed)))
-        if not self.finite:
-            lines.append("NOT FINITE: the loss or the Hessian has NaN/inf; these numbers are meaningless.")
-        return "\n".join(lines)
+from keras_hesstrace.schemes import RESTRICTED_STREAM, check_scheme, mixed_traces
+from keras_hesstrace.group_traces import GroupTraces
 
 
 def _progbar(total, verbose):
@@ -172,6 +51,7 @@ def layer_traces(
     max_batch_size: int | None = None,
     rel_stderr: float | None = None,
     max_probes: int | None = None,
+    scheme: str = "single",
 ) -> GroupTraces:
     """Estimate tr(H_ll) of every group at once: one HVP per probe.
 
@@ -232,6 +112,17 @@ def layer_traces(
             ``num_probes`` probes).
         max_probes: with ``rel_stderr``, the most probes in all (at least
             ``num_probes``). Defaults to 1000.
+        scheme: how probes are spent (:mod:`keras_hesstrace.schemes`). "single" (the
+            default): the single pass, one HVP per probe for every group. "restricted":
+            each group its own probes, zero outside it (PyHessian's per-layer route: one
+            HVP per probe per group, without the other layers' cross terms in the
+            variance); ``num_probes`` each, or each until it meets ``rel_stderr``.
+            "auto" (needs ``rel_stderr``): a single-pass pilot, then for each group the
+            scheme that reaches the target in the least measured time: the single pass
+            for the groups it serves well, the coordinate design (a few sweeps of single
+            entries, nearly exact) for groups of at most 256 scalars, restricted probes
+            for the rest. ``result.schemes``, ``num_hvps`` and ``seconds`` say what each
+            group got; the total always comes from the single pass.
 
     Returns:
         :class:`GroupTraces`; ``result.to_frame()`` gives a pandas table. A
@@ -251,6 +142,7 @@ def layer_traces(
     """
     num_probes = check_integer("num_probes", num_probes)
     rel_stderr, max_probes = check_target(rel_stderr, max_probes, num_probes)
+    check_scheme(scheme, rel_stderr)
     seed = check_seed(seed)
     check_probe(probe)
     x, y, dataset_mode = resolve_data(x, y, "layer_traces")
@@ -266,33 +158,46 @@ def layer_traces(
     if max_batch_size is not None:
         check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
     if dataset_mode:
-        total_steps = None if num_batches is None or rel_stderr is not None else int(num_batches) * num_probes
+        total_steps = (None if num_batches is None or rel_stderr is not None or scheme != "single"
+                       else int(num_batches) * num_probes)
         show = verbose == 1 or (verbose == "auto")
         if rel_stderr is not None and isinstance(x, collections.abc.Iterator):
             raise ValueError("rel_stderr draws probes in rounds, one pass over the data each: pass data that can be "
                              "iterated again (a list of batches or a tf.data.Dataset), not an iterator or generator.")
     else:
-        total_steps = None if rel_stderr is not None else num_probes
+        total_steps = None if rel_stderr is not None or scheme != "single" else num_probes
         show = verbose == 1
     bar = _progbar(total_steps, show)
     state = {"done": 0, "loss": None}
 
-    def contract(lo, hi):
-        """float64 [hi - lo, G + 1]: probes lo..hi-1's group samples and total, one pass over the data."""
-        seeds = [(a, tf.stack([probe_seed(seed, m) for m in range(a, min(a + per_call, hi))]))
-                 for a in range(lo, hi, per_call)]
+    def compute(kind, xc, yc, a, b):
+        """The operator's contractions of vectors a..b-1 of ``kind`` (see keras_hesstrace.schemes)."""
+        if kind[0] == "coordinates":
+            index, sign = kind[1].vectors(a, b)
+            return op.coordinate_contractions(xc, yc, index, sign, indices)
+        if kind[0] == "restricted":
+            support = np.zeros(len(op.variables), np.float32)
+            support[list(indices[kind[1]])] = 1.0
+            seeds = tf.stack([probe_seed(seed, (kind[1] + 1) * RESTRICTED_STREAM + m) for m in range(a, b)])
+            return op.probe_contractions(xc, yc, seeds, probe, indices, support)
+        return op.probe_contractions(xc, yc, tf.stack([probe_seed(seed, m) for m in range(a, b)]), probe, indices)
+
+    def contract(lo, hi, kind=("single",)):
+        """float64 [hi - lo, G + 1]: vectors lo..hi-1's group samples and total, one pass over the data."""
+        first = state["loss"] is None
+        seeds = [(a, min(a + per_call, hi)) for a in range(lo, hi, per_call)]
         out = np.zeros((hi - lo, len(names) + 1))
         loss_sum, weight_sum, n_batches, grad_sum = 0.0, 0, 0, None
         for xb, yb in (iterate_batches(x, num_batches) if dataset_mode else [to_tensors(x, y)]):
             for xc, yc in split_batch(*to_tensors(xb, yb), max_batch_size):
                 weight = batch_size(yc)
-                for a, chunk in seeds:
-                    s_g, total, loss_value, *grads = op.probe_contractions(xc, yc, chunk, probe, indices)
-                    out[a - lo:a - lo + len(chunk)] += weight * np.column_stack([s_g.numpy(), total.numpy()])
+                for a, b in seeds:
+                    s_g, total, loss_value, *grads = compute(kind, xc, yc, a, b)
+                    out[a - lo:b - lo] += weight * np.column_stack([s_g.numpy(), total.numpy()])
                     if a == lo:
                         loss_sum += weight * float(loss_value)
                         weight_sum += weight
-                        if lo == 0:
+                        if first:
                             grads = [tf.cast(g, tf.float64) * weight for g in grads]
                             grad_sum = grads if grad_sum is None else [u + v for u, v in zip(grad_sum, grads)]
             state["done"] += hi - lo
@@ -300,7 +205,7 @@ def layer_traces(
                 bar.update(state["done"])
             n_batches += 1
         loss = (loss_sum / weight_sum, weight_sum)
-        if lo == 0:
+        if first:
             state.update(loss=loss, n_batches=n_batches, grad_sum=grad_sum)
         elif not (loss[1] == state["loss"][1] and np.isclose(loss[0], state["loss"][0], rtol=1e-5, atol=0)):
             raise ValueError(f"The data gave other batches on another pass (loss {loss[0]:.8g} over {loss[1]} examples, "
@@ -308,12 +213,20 @@ def layer_traces(
                              "on every pass (no reshuffling, no random augmentation).")
         return out / weight_sum
 
-    if rel_stderr is None:
-        both = contract(0, num_probes)
+    mixed = None
+    if scheme != "single":
+        mixed = mixed_traces(contract, scheme, indices, [int(np.prod(v.shape)) for v in op.variables], num_probes,
+                             rel_stderr, max_probes, seed, per_call)
+        counts = np.array([len(c) for c in mixed["samples"]])
+        samples = np.full((int(counts.max()), len(names)), np.nan)
+        for l, column in enumerate(mixed["samples"]):
+            samples[:len(column), l] = column
+        totals = mixed["total"]
     else:
-        both = run_until_met(contract, num_probes, rel_stderr, max_probes, per_call)
+        both = contract(0, num_probes) if rel_stderr is None else run_until_met(contract, num_probes, rel_stderr,
+                                                                                max_probes, per_call)
+        samples, totals = both[:, :-1], both[:, -1]
     finish(bar, state["done"])
-    samples, totals = both[:, :-1], both[:, -1]
     weight_sum, grad_sum = state["loss"][1], state["grad_sum"]
     squares = np.array([float(tf.reduce_sum(tf.square(g))) for g in grad_sum]) / weight_sum**2
     result = GroupTraces(
@@ -329,8 +242,17 @@ def layer_traces(
         gradient_norms=np.sqrt(np.array([squares[list(idx)].sum() for idx in indices])),
         gradient_norm=float(np.sqrt(squares.sum())),
         rel_stderr_target=rel_stderr,
-        target_met=None if rel_stderr is None else target_met(samples, rel_stderr),
+        target_met=None if rel_stderr is None else (
+            target_met(samples, rel_stderr) if mixed is None
+            else np.array([target_met(c[:, None], rel_stderr)[0] if np.isnan(e)
+                           else bool(e <= rel_stderr * abs(c.mean())) for c, e in zip(mixed["samples"], mixed["stderr"])])),
         total_target_met=None if rel_stderr is None else bool(target_met(totals[:, None], rel_stderr)[0]),
+        schemes=None if mixed is None else mixed["schemes"],
+        probe_counts=None if mixed is None else counts,
+        num_hvps=None if mixed is None else mixed["num_hvps"],
+        seconds=None if mixed is None else mixed["seconds"],
+        hvps_drawn=None if mixed is None else mixed["all_hvps"],
+        pooled_stderr=None if mixed is None else mixed["stderr"],
     )
     if rel_stderr is not None and result.finite and not (np.all(result.target_met) and result.total_target_met):
         missed = [n for n, ok in zip(names, result.target_met) if not ok] + ([] if result.total_target_met else ["total"])

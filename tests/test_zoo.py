@@ -24,7 +24,9 @@ import tensorflow as tf
 
 import keras_hesstrace as kh
 from keras_hesstrace.hvp import hessian_operator
+from keras_hesstrace.groups import group_indices
 from keras_hesstrace.probes import draw_probe, probe_seed
+from keras_hesstrace.schemes import CoordinateDesign
 
 import zoo
 from reference import (
@@ -294,6 +296,39 @@ def test_layer_traces_per_probe_samples(small_case, record_property):
         worst = max(worst, assert_close([r.total_samples[m]], [total], rtol, f"{small_case.name}: probe {m} v·Hv"))
     record_property("rel_err", worst)
     assert r.loss == pytest.approx(float(b.objective()), rel=1e-12)
+
+
+def test_restricted_and_coordinate_contractions(small_case, record_property):
+    """The vectors of layer_traces(scheme=...) (keras_hesstrace.schemes): a probe restricted to
+    one group, and the coordinate design's signed single entries, contracted per group."""
+    b = built(small_case)
+    op = hessian_operator(b.model)
+    mapping = kh.layer_groups(b.model)
+    _, indices = group_indices(b.model, mapping)
+    masks = b.group_masks(mapping)
+    rtol = REF_RTOL[small_case.reference]
+    worst = 0.0
+    for l in sorted({0, len(indices) - 1}):
+        support = np.zeros(len(b.variables), np.float32)
+        support[list(indices[l])] = 1.0
+        s, total, *_ = op.probe_contractions(b.xt, b.yt, tf.stack([probe_seed(SEED, 5)]), "rademacher", indices, support)
+        v = flatten(draw_probe(b.variables, probe_seed(SEED, 5))) * masks[l]
+        hv = b.H @ v
+        worst = max(worst, assert_close(s.numpy()[0], [v[m] @ hv[m] for m in masks], rtol, f"{small_case.name}: restricted to group {l}"))
+    sizes = [int(np.prod(v.shape)) for v in b.variables]
+    edges = np.cumsum([0] + sizes)
+    design = CoordinateDesign(indices, sizes, seed=SEED)
+    index, sign = design.vectors(0, 3)
+    s, total, *_ = op.coordinate_contractions(b.xt, b.yt, index, sign, indices)
+    for p in range(3):
+        v = np.zeros(b.n)
+        for j, (i, sg) in enumerate(zip(index[p], sign[p])):
+            if i >= 0:
+                v[edges[j] + i] = sg
+        assert np.count_nonzero(v) == len(indices)  # one entry per group
+        hv = b.H @ v
+        worst = max(worst, assert_close(s.numpy()[p], [v[m] @ hv[m] for m in masks], rtol, f"{small_case.name}: coordinates {p}"))
+    record_property("rel_err", worst)
 
 
 # ------------------------------------------------------------------- the PyHessian toolset

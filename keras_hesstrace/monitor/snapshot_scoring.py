@@ -20,7 +20,7 @@ from keras_hesstrace.trace import layer_traces
 
 if TYPE_CHECKING:
     from keras_hesstrace.monitor.page_hinkley import PageHinkley, PageHinkleyResult
-    from keras_hesstrace.trace import GroupTraces
+    from keras_hesstrace.group_traces import GroupTraces
 
 _NAN = float("nan")
 
