@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from keras_hesstrace.adaptive import relative_stderr
+from keras_hesstrace.linalg.adaptive import relative_stderr
 from keras_hesstrace.linalg.common import stderr as _stderr  # the one standard error (numpy core)
 
 

@@ -23,7 +23,7 @@ design; of the other groups, those whose single-pass need is more than twice the
 restricted pilot, and :func:`single_pass_count` picks the single-pass count that minimises
 the measured time of the whole plan (the single pass keeps the groups it serves at that
 count and the total; the others run restricted). Every run then draws rounds until its
-groups meet the target (:func:`keras_hesstrace.adaptive.run_until_met`).
+groups meet the target (:func:`keras_hesstrace.linalg.adaptive.run_until_met`).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Callable
 
 import numpy as np
 
-from keras_hesstrace.adaptive import probes_needed, run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import probes_needed, run_until_met, target_met
 
 SCHEMES = ("single", "restricted", "auto")
 # The largest group (scalar parameters) the coordinate design serves: a sweep costs as many

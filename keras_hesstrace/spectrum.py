@@ -29,6 +29,7 @@ import keras
 import numpy as np
 
 from keras_hesstrace._validate import check_integer
+from keras_hesstrace.linalg.adaptive import check_target
 from keras_hesstrace.groups import group_indices, layer_groups
 from keras_hesstrace.hvp import DEFAULT_MODE
 from keras_hesstrace.linalg.common import PROBES, make_rng
@@ -135,41 +136,52 @@ def top_eigenvalues(
 
 
 def hessian_trace(
-    model: keras.Model, x, y=None, max_iter: int = 100, tol: float = 1e-3, method: str = "hutchinson",
-    min_probes: int = 10, probe: str = "rademacher", loss=None, groups=None, by="layer", seed: int | None = None,
+    model: keras.Model, x, y=None, num_probes: int = 10, rel_stderr: float | None = 1e-3, max_probes: int | None = 100,
+    method: str = "hutchinson", probe: str = "rademacher", loss=None, groups=None, by="layer", seed: int | None = None,
     num_batches: int | None = None, mode: str = DEFAULT_MODE, jit_compile: bool = False, verbose: int = 0,
+    max_iter: int | None = None, tol: float | None = None, min_probes: int | None = None,
 ) -> TraceEstimate:
-    """tr(H) of the whole model (or a block) by Hutchinson or Hutch++, with a standard-error stop.
+    """tr(H) of the whole model (or a block) by Hutchinson or Hutch++, to a target relative standard error.
+
+    The defaults are PyHessian's (at most 100 probes, stop at a relative standard error of
+    1e-3), in the vocabulary of :func:`keras_hesstrace.layer_traces`.
 
     Args:
         model, x, y, loss, groups, by, seed, num_batches, mode, jit_compile, verbose: as in
             :func:`top_eigenvalues`.
-        max_iter: the most HVPs in total, over all probes (one HVP per probe; with "hutch++"
-            the sketch's HVPs count too).
-        tol: stop when the standard error is at most ``tol * |trace|`` (after ``min_probes``
-            probes). tol=0 runs exactly max_iter HVPs.
-        method: "hutchinson" (one HVP per probe) or "hutch++" (max_iter // 3 HVPs on a
-            random sketch and max_iter // 3 on its exact trace, the rest on Hutchinson for
-            the deflated remainder: much lower variance when H has a few dominant
-            eigenvalues, as network Hessians do).
-        min_probes: the fewest probes before the stop rule is tried.
+        num_probes: with ``rel_stderr``, the pilot (at least 2); without, exactly this many
+            HVPs. Defaults to 10.
+        rel_stderr: the target r in (0, 1): after the pilot, probes are drawn in rounds (the
+            rule of ``layer_traces(rel_stderr=...)``, docs/method.md §3) until the standard
+            error is at most r·|trace| (``result.converged``) or ``max_probes`` HVPs. None:
+            exactly ``num_probes``. Defaults to 1e-3.
+        max_probes: with ``rel_stderr``, the most HVPs in all (with "hutch++" the sketch's
+            count too). Defaults to 100 (None: 1000).
+        method: "hutchinson" (one HVP per probe) or "hutch++" (a third of the budget on a
+            random sketch, a third on its exact trace, the rest on Hutchinson for the deflated
+            remainder: much lower variance when H has a few dominant eigenvalues).
         probe: "rademacher" or "gaussian". Probe m is the one :func:`keras_hesstrace.layer_traces`
             draws for the same ``seed`` (restricted to the block), so with method="hutchinson"
             on the whole model ``samples`` equals its ``total_samples``.
+        max_iter, tol, min_probes: PyHessian's names, deprecated: ``max_probes`` (or
+            ``num_probes`` with ``tol=0``), ``rel_stderr`` (0: None) and ``num_probes``.
 
     Returns:
         :class:`TraceEstimate`.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, not {method!r}.")
+    num_probes, rel_stderr, max_probes = _trace_budget(num_probes, rel_stderr, max_probes, max_iter, tol, min_probes)
     _, seed = make_rng(seed)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="hessian_trace")
-    H.expect(max_iter)  # the HVP budget
+    budget = num_probes if rel_stderr is None else max_probes
+    H.expect(budget)
+    tol_value = 0.0 if rel_stderr is None else rel_stderr
     try:
         if method == "hutchinson":
-            out = hutchinson_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe))
+            out = hutchinson_trace(H, H.n, budget, tol_value, num_probes, draw=H.probe_source(seed, probe))
         else:
-            out = hutchpp_trace(H, H.n, max_iter, tol, min_probes, draw=H.probe_source(seed, probe),
+            out = hutchpp_trace(H, H.n, budget, tol_value, num_probes, draw=H.probe_source(seed, probe),
                                 sketch_draw=H.probe_source(seed, "rademacher"))
     finally:
         H.close()
@@ -178,6 +190,26 @@ def hessian_trace(
         converged=out["converged"], method=method, groups=H.group_names, dimension=H.n, loss=H.loss, seed=seed,
         mode=H.op.mode,
     )
+
+
+def _trace_budget(num_probes, rel_stderr, max_probes, max_iter, tol, min_probes):
+    """(num_probes, rel_stderr or None, max_probes or None) of hessian_trace, PyHessian's names mapped."""
+    if max_iter is not None or tol is not None or min_probes is not None:
+        warnings.warn("hessian_trace(max_iter=, tol=, min_probes=) are now max_probes= (num_probes= with tol=0), "
+                      "rel_stderr= (None for tol=0) and num_probes=.", DeprecationWarning, stacklevel=3)
+        if tol is not None:
+            rel_stderr = None if tol == 0 else tol
+        if min_probes is not None:
+            num_probes = min_probes
+        if max_iter is not None:
+            max_iter = check_integer("max_iter", max_iter)
+            if rel_stderr is None:
+                num_probes = max_iter
+            else:
+                max_probes, num_probes = max_iter, max(2, min(num_probes, max_iter))
+    num_probes = check_integer("num_probes", num_probes)
+    rel_stderr, max_probes = check_target(rel_stderr, None if rel_stderr is None else max_probes, num_probes)
+    return num_probes, rel_stderr, max_probes
 
 
 def spectral_density(
@@ -242,49 +274,57 @@ def spectral_density(
 def diagonal(
     model: keras.Model, x, y=None, num_probes: int = 100, groups=None, by="layer", probe: str = "rademacher",
     loss=None, seed: int | None = None, num_batches: int | None = None, mode: str = DEFAULT_MODE,
-    jit_compile: bool = False, verbose: int = 0,
+    jit_compile: bool = False, verbose: int = 0, rel_stderr: float | None = None, max_probes: int | None = None,
 ) -> DiagonalResult:
     """Hutchinson estimate of the Hessian diagonal, E[v ⊙ H v], per group.
 
     Args:
         num_probes: HVPs (probes); the standard error falls as 1 / sqrt(num_probes). Probe m
-            is the one :func:`keras_hesstrace.layer_traces` draws for the same ``seed``.
+            is the one :func:`keras_hesstrace.layer_traces` draws for the same ``seed``. With
+            ``rel_stderr``, the pilot (at least 2). Defaults to 100.
         groups: None for every group of ``layer_groups(model, by)``, or a name / list of
             names. Restricting is not only cheaper to read: the probe is then zero outside
             the block, which removes the other blocks' off-diagonal terms from the variance
             (diag(H_SS) = diag(H) on S, so the target is the same).
+        rel_stderr: a target r in (0, 1): probes are added in rounds until every reported
+            group's diagonal has ‖stderr‖ <= r·‖diagonal‖ (2-norms over the group's entries:
+            ``result.rel_stderr``, ``result.target_met``), or ``max_probes``. Defaults to
+            None (exactly ``num_probes``).
+        max_probes: with ``rel_stderr``, the most probes. Defaults to 1000.
         Other arguments: as in :func:`top_eigenvalues`.
 
     Returns:
         :class:`DiagonalResult`.
     """
+    num_probes = check_integer("num_probes", num_probes)
+    rel_stderr, max_probes = check_target(rel_stderr, max_probes, num_probes)
     _, seed = make_rng(seed)
     H = ModelHessian(model, x, y, loss, groups, by, num_batches, mode, jit_compile, verbose, caller="diagonal")
-    H.expect(num_probes)
-    try:
-        mean, err = hutchinson_diagonal(H, H.n, num_probes, draw=H.probe_source(seed, probe))
-    finally:
-        H.close()
     mapping = layer_groups(model, by=by)
     names, indices = group_indices(model, mapping)
     position = {idx: p for p, idx in enumerate(H.indices)}
+    reported = [(name, idx) for name, idx in zip(names, indices) if all(i in position for i in idx)]
+    blocks = [[(H.offsets[position[i]], H.offsets[position[i] + 1]) for i in idx] for _, idx in reported]
+    H.expect(num_probes if rel_stderr is None else max_probes)
+    try:
+        mean, err, used = hutchinson_diagonal(H, H.n, num_probes, draw=H.probe_source(seed, probe), rel_stderr=rel_stderr,
+                                              max_probes=max_probes, blocks=blocks)
+    finally:
+        H.close()
     values, stderr, paths = OrderedDict(), OrderedDict(), OrderedDict()
-    for name, idx in zip(names, indices):
-        if not all(i in position for i in idx):
-            continue
-        vs, es = [], []
-        for i in idx:
-            p = position[i]
-            a, b = H.offsets[p], H.offsets[p + 1]
-            shape = tuple(H.variables[p].shape)
-            vs.append(mean[a:b].reshape(shape))
-            es.append(err[a:b].reshape(shape))
-        values[name], stderr[name] = vs, es
+    for (name, idx), block in zip(reported, blocks):
+        values[name] = [mean[a:b].reshape(H.variables[position[i]].shape) for i, (a, b) in zip(idx, block)]
+        stderr[name] = [err[a:b].reshape(H.variables[position[i]].shape) for i, (a, b) in zip(idx, block)]
         paths[name] = variable_paths([model.trainable_variables[i] for i in idx])
-    return DiagonalResult(
-        groups=tuple(values), values=values, stderr=stderr, variables=paths, num_probes=int(num_probes), loss=H.loss, seed=seed,
-        mode=H.op.mode,
+    result = DiagonalResult(
+        groups=tuple(values), values=values, stderr=stderr, variables=paths, num_probes=int(used), loss=H.loss, seed=seed,
+        mode=H.op.mode, rel_stderr_target=rel_stderr,
     )
+    if rel_stderr is not None and not all(result.target_met):
+        missed = [g for g, ok in zip(result.groups, result.target_met) if not ok]
+        warnings.warn(f"diagonal: rel_stderr={rel_stderr:g} not met after max_probes={max_probes} probes by: "
+                      f"{', '.join(missed)}.", RuntimeWarning, stacklevel=2)
+    return result
 
 
 __all__ = [

@@ -158,6 +158,7 @@ class DiagonalResult:
         stderr: the same structure: each entry's standard error over probes.
         variables: ``OrderedDict`` group -> the variables' paths.
         num_probes: HVPs used; loss, seed as elsewhere.
+        rel_stderr_target: the target r of ``diagonal(rel_stderr=r)``, or None.
     """
 
     groups: tuple
@@ -168,6 +169,25 @@ class DiagonalResult:
     loss: float
     seed: int = 0
     mode: str = "reverse"
+    rel_stderr_target: float | None = None
+
+    @property
+    def rel_stderr(self) -> np.ndarray:
+        """float64 [G]: each group's ‖stderr‖ / ‖diagonal‖ (2-norms over its entries; inf for a zero diagonal)."""
+        out = []
+        for g in self.groups:
+            err = np.sqrt(sum(float(np.sum(np.square(a))) for a in self.stderr[g]))
+            size = np.sqrt(sum(float(np.sum(np.square(a))) for a in self.values[g]))
+            out.append(err / size if size > 0 else float("inf"))
+        return np.array(out)
+
+    @property
+    def target_met(self) -> np.ndarray | None:
+        """bool [G]: rel_stderr <= the target (None without one)."""
+        if self.rel_stderr_target is None:
+            return None
+        with np.errstate(invalid="ignore"):
+            return self.rel_stderr <= self.rel_stderr_target * (1 + 1e-12)
 
     def flat(self):
         """(values [n], stderr [n]) concatenated in group order."""
@@ -183,5 +203,9 @@ class DiagonalResult:
         for g in self.groups:
             v = np.concatenate([a.ravel() for a in self.values[g]])
             rows.append((g, v.sum(), v.mean(), v.min(), v.max(), v.size))
-        return pd.DataFrame(rows, columns=["group", "diag_sum", "diag_mean", "diag_min", "diag_max", "num_params"]).set_index("group")
+        frame = pd.DataFrame(rows, columns=["group", "diag_sum", "diag_mean", "diag_min", "diag_max", "num_params"]).set_index("group")
+        frame["rel_stderr"] = self.rel_stderr
+        if self.rel_stderr_target is not None:
+            frame["target_met"] = self.target_met
+        return frame
 

@@ -16,7 +16,7 @@ import keras
 
 from keras_hesstrace._progress import finish, progress_bar
 from keras_hesstrace._validate import check_integer, check_seed
-from keras_hesstrace.adaptive import check_target, run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import check_target, run_until_met, target_met
 from keras_hesstrace.groups import group_indices, group_sizes, layer_groups, select_groups, split_grouping
 from keras_hesstrace.batches import batch_size, iterate_batches, resolve_data, split_batch, to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator

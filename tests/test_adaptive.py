@@ -1,4 +1,4 @@
-"""layer_traces(rel_stderr=r): the stopping rule (keras_hesstrace/adaptive.py), simulated on
+"""layer_traces(rel_stderr=r): the stopping rule (keras_hesstrace/linalg/adaptive.py), simulated on
 exact Hutchinson samples of a known matrix, and run on a float64 model with its exact Hessian."""
 
 import warnings
@@ -8,7 +8,7 @@ import pytest
 
 import keras_hesstrace as kh
 import models_for_tests as mt
-from keras_hesstrace.adaptive import next_probe_count, probes_needed, run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import next_probe_count, probes_needed, run_until_met, target_met
 from keras_hesstrace.hvp import hessian_operator
 from reference import xent64
 from test_trace import _exact_block_traces
@@ -199,3 +199,62 @@ def test_a_non_finite_pilot_stops_at_once_and_is_flagged():
     messages = [str(w.message) for w in caught]
     assert any("Non-finite" in m for m in messages) and not any("not met" in m for m in messages)
     assert r.num_probes == 4 and not r.finite and not np.any(r.target_met)
+
+
+# ------------------------------------------ (d) the same target for hessian_trace and diagonal
+
+def test_hessian_trace_meets_a_relative_target_with_the_rule_of_layer_traces():
+    model = mt.mlp()
+    x, y = mt.data()
+    H, _, _ = _exact_block_traces(model, x, y)
+    r = kh.hessian_trace(model, x, y, num_probes=10, rel_stderr=0.05, max_probes=2000, loss=xent64(), seed=3)
+    assert r.converged and r.stderr <= 0.05 * abs(r.trace) and 10 < r.num_hvps < 2000
+    assert abs(r.trace - np.trace(H)) < 4 * r.stderr
+    # the run is a prefix of layer_traces' probes: the same seed gives the same samples
+    plain = kh.layer_traces(model, x, y, num_probes=r.num_hvps, seed=3, loss=xent64())
+    np.testing.assert_allclose(r.samples, plain.total_samples, rtol=1e-12)
+    fixed = kh.hessian_trace(model, x, y, num_probes=7, rel_stderr=None, loss=xent64(), seed=3)
+    assert fixed.num_hvps == 7 and not fixed.converged
+    with pytest.warns(DeprecationWarning, match="max_probes"):
+        old = kh.hessian_trace(model, x, y, max_iter=7, tol=0.0, loss=xent64(), seed=3)
+    np.testing.assert_array_equal(old.samples, fixed.samples)
+
+
+def test_diagonal_meets_a_relative_target_per_group():
+    model = mt.mlp()
+    x, y = mt.data()
+    H, _, mapping = _exact_block_traces(model, x, y)
+    d = kh.diagonal(model, x, y, num_probes=10, rel_stderr=0.3, max_probes=5000, loss=xent64(), seed=2,
+                    groups=["hidden2", "head"])
+    assert d.num_probes > 10 and d.rel_stderr_target == 0.3
+    assert d.target_met.tolist() == [True, True] and np.all(d.rel_stderr <= 0.3)
+    frame = d.to_frame()
+    assert frame["target_met"].tolist() == [True, True] and "rel_stderr" in frame.columns
+    exact = np.diag(H)
+    values, errors = d.flat()
+    sizes = [sum(int(np.prod(v.shape)) for v in vs) for vs in mapping.values()]
+    start = sum(sizes[:1])  # hidden2 and head follow hidden in the flat order
+    z = (values - exact[start:start + values.size]) / errors
+    assert np.mean(np.abs(z) < 1.96) > 0.8, z   # most entries inside their 95% interval
+    plain = kh.diagonal(model, x, y, num_probes=d.num_probes, loss=xent64(), seed=2, groups=["hidden2", "head"])
+    np.testing.assert_allclose(values, plain.flat()[0], rtol=1e-12)   # the same probes, one more round each
+
+
+def test_the_diagonal_rule_gives_the_relative_error_it_reports():
+    from keras_hesstrace.linalg.hutchinson import hutchinson_diagonal
+
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(30, 30))
+    A = np.diag(rng.uniform(1.0, 2.0, 30)) + 0.3 * (s + s.T) / 2
+    blocks = [[(0, 10)], [(10, 30)]]
+    r, reps, errors = 0.1, 300, []
+    for rep in range(reps):
+        mean, err, used = hutchinson_diagonal(lambda v: A @ v, 30, num_probes=10, seed=rep, rel_stderr=r,
+                                              max_probes=5000, blocks=blocks)
+        assert used < 5000
+        errors.append([np.linalg.norm(mean[a:b] - np.diag(A)[a:b]) / np.linalg.norm(np.diag(A)[a:b])
+                       for (a, b), in blocks])
+    rms = np.sqrt(np.mean(np.square(errors), axis=0))
+    # the reported target bounds the RMS relative error (in the 2-norm) up to the sampling
+    # error of an RMS over `reps` replications and the sequential stop's small excess
+    assert np.all(rms <= r * (1 + 3 / np.sqrt(2 * reps))) and np.all(rms >= 0.7 * r), rms

@@ -36,7 +36,7 @@ def _flat(*arrays):
 CONSUMERS = {
     "layer_traces": lambda m, *d: kh.layer_traces(m, *d, num_probes=3, seed=0, loss=xent(), verbose=0).samples,
     "top_eigenvalues": lambda m, *d: sp.top_eigenvalues(m, *d, k=2, max_iter=40, seed=0, loss=xent()).eigenvalues,
-    "hessian_trace": lambda m, *d: sp.hessian_trace(m, *d, max_iter=4, min_probes=4, seed=0, loss=xent()).samples,
+    "hessian_trace": lambda m, *d: sp.hessian_trace(m, *d, num_probes=4, rel_stderr=None, seed=0, loss=xent()).samples,
     "diagonal": lambda m, *d: sp.diagonal(m, *d, num_probes=3, seed=0, loss=xent()).flat()[0],
     "spectral_density": lambda m, *d: _flat(
         *sp.spectral_density(m, *d, num_runs=1, lanczos_steps=6, seed=0, loss=xent()).nodes,

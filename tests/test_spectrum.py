@@ -68,7 +68,7 @@ def test_one_probe_generator_for_layer_traces_hessian_trace_and_diagonal(mlp_cas
     model, x, y, loss, H = mlp_case
     num, seed = 5, 7
     lt = kh.layer_traces(model, x, y, num_probes=num, seed=seed, loss=loss, verbose=0)
-    ht = sp.hessian_trace(model, x, y, max_iter=num, tol=0.0, min_probes=num, loss=loss, seed=seed)
+    ht = sp.hessian_trace(model, x, y, num_probes=num, rel_stderr=None, loss=loss, seed=seed)
     np.testing.assert_allclose(ht.samples, lt.total_samples, rtol=1e-10)
     # Both are v^T H v on the independent reference Hessian with the package's probes.
     vs = [flatten(draw_probe(model.trainable_variables, probe_seed(seed, m))) for m in range(num)]
@@ -80,7 +80,7 @@ def test_one_probe_generator_for_layer_traces_hessian_trace_and_diagonal(mlp_cas
     Hb, mask = _block(model, H, {"head"})
     head = sp.diagonal(model, x, y, num_probes=num, loss=loss, groups="head", seed=seed)
     np.testing.assert_allclose(head.flat()[0], np.mean([v[mask] * (Hb @ v[mask]) for v in vs], axis=0), rtol=1e-8, atol=scale)
-    hb = sp.hessian_trace(model, x, y, max_iter=num, tol=0.0, min_probes=num, loss=loss, groups="head", seed=seed)
+    hb = sp.hessian_trace(model, x, y, num_probes=num, rel_stderr=None, loss=loss, groups="head", seed=seed)
     np.testing.assert_allclose(hb.samples, [v[mask] @ Hb @ v[mask] for v in vs], rtol=1e-8, atol=scale)
 
 
@@ -116,8 +116,8 @@ def test_full_dataset_mode_is_the_hessian_of_the_mean_loss(mlp_case):
     r = sp.top_eigenvalues(model, batches, k=1, tol=1e-8, loss=loss, seed=0)
     assert r.eigenvalues[0] == pytest.approx(exact, rel=1e-7)
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(4)
-    t = sp.hessian_trace(model, ds, max_iter=5, tol=0.0, loss=loss, seed=0)
-    t1 = sp.hessian_trace(model, x, y, max_iter=5, tol=0.0, loss=loss, seed=0)
+    t = sp.hessian_trace(model, ds, num_probes=5, rel_stderr=None, loss=loss, seed=0)
+    t1 = sp.hessian_trace(model, x, y, num_probes=5, rel_stderr=None, loss=loss, seed=0)
     np.testing.assert_allclose(t.samples, t1.samples, rtol=1e-10)
     with pytest.raises(ValueError, match="one-shot"):
         sp.top_eigenvalues(model, iter(batches), loss=loss)
@@ -126,7 +126,7 @@ def test_full_dataset_mode_is_the_hessian_of_the_mean_loss(mlp_case):
 @pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
 def test_hessian_trace_within_four_standard_errors(mlp_case, method):
     model, x, y, loss, H = mlp_case
-    r = sp.hessian_trace(model, x, y, max_iter=60, tol=0.0, method=method, loss=loss, seed=3)
+    r = sp.hessian_trace(model, x, y, num_probes=60, rel_stderr=None, method=method, loss=loss, seed=3)
     assert r.num_hvps == 60
     assert abs(r.trace - np.trace(H)) <= 4 * r.stderr
 
@@ -134,7 +134,7 @@ def test_hessian_trace_within_four_standard_errors(mlp_case, method):
 def test_restricted_trace_is_the_block_trace(mlp_case):
     model, x, y, loss, H = mlp_case
     Hb, _ = _block(model, H, {"head"})
-    r = sp.hessian_trace(model, x, y, max_iter=40, tol=0.0, loss=loss, groups="head", seed=0)
+    r = sp.hessian_trace(model, x, y, num_probes=40, rel_stderr=None, loss=loss, groups="head", seed=0)
     assert abs(r.trace - np.trace(Hb)) <= 4 * r.stderr
 
 

@@ -309,7 +309,7 @@ def test_a_seed_that_is_not_a_whole_number_in_range_is_refused_by_name(seed, sho
     model = mt.mlp()
     x, y = mt.data(shape=(5,))
     for call in (lambda: kh.layer_traces(model, x, y, num_probes=2, seed=seed, loss=xent64()),
-                 lambda: kh.hessian_trace(model, x, y, max_iter=2, seed=seed, loss=xent64()),
+                 lambda: kh.hessian_trace(model, x, y, num_probes=2, rel_stderr=None, seed=seed, loss=xent64()),
                  lambda: kh.top_eigenvalues(model, x, y, k=1, seed=seed, loss=xent64()),
                  lambda: kh.diagonal(model, x, y, num_probes=2, seed=seed, loss=xent64()),
                  lambda: kh.loss_landscape(model, x, y, grid=3, seed=seed, verbose=0, loss=xent64())):

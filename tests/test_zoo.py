@@ -351,7 +351,7 @@ def test_top_eigenvalues(small_case, record_property):
 def test_hessian_trace_samples(small_case, record_property):
     b = built(small_case)
     num = 4
-    r = kh.hessian_trace(b.model, b.x, b.y, max_iter=num, tol=0.0, min_probes=num, seed=SEED)
+    r = kh.hessian_trace(b.model, b.x, b.y, num_probes=num, rel_stderr=None, seed=SEED)
     assert r.num_hvps == num
     expected = [v @ b.H @ v for v in package_probes(b, SEED, num)]
     err = assert_close(r.samples, expected, REF_RTOL[small_case.reference], f"{small_case.name}: Hutchinson samples")

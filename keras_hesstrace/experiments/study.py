@@ -174,8 +174,7 @@ def measure(model, x, y, config, epoch):
         warnings.simplefilter("always")
         eig = top_eigenvalues(model, x, y, k=config.top_k, max_iter=config.eigen_iters,
                               method="lanczos", which="LA", seed=seed)
-        trace = hessian_trace(model, x, y, max_iter=config.trace_probes, tol=0.0,
-                              min_probes=min(10, config.trace_probes), seed=seed)
+        trace = hessian_trace(model, x, y, num_probes=config.trace_probes, rel_stderr=None, seed=seed)
         parts = layer_traces(model, x, y, num_probes=config.trace_probes, by=PART_PATTERNS,
                              seed=seed + _PARTS_SEED_OFFSET, verbose=0)
         stage_eig = {s: top_eigenvalues(model, x, y, k=1, max_iter=config.eigen_iters,

@@ -9,6 +9,8 @@ about Keras or TensorFlow and can be checked on explicit matrices. One estimator
 - :mod:`~keras_hesstrace.linalg.hutchinson`: ``hutchinson_trace``, ``hutchpp_trace``,
   ``hutchinson_diagonal``.
 - :mod:`~keras_hesstrace.linalg.density`: ``gaussian_density``, ``default_sigma``.
+- :mod:`~keras_hesstrace.linalg.adaptive`: the stopping rule for a relative standard-error
+  target (``run_until_met``), shared by every Hutchinson estimate.
 - :mod:`~keras_hesstrace.linalg.common`: seeds, numpy probes, ``stderr``.
 
 Stopping rules (documented choices, different from PyHessian's relative change
@@ -18,8 +20,10 @@ Stopping rules (documented choices, different from PyHessian's relative change
   within ``||r||`` of θ (symmetric A). We stop when ``||r|| <= tol * |θ|`` for every wanted
   pair: a guaranteed relative eigenvalue accuracy of ``tol`` (the true error is usually
   far smaller, about ``||r||² / gap``). The same rule for power iteration and Lanczos.
-- trace: stop when the standard error of the mean is at most ``tol * |mean|`` (after at
-  least ``min_probes`` probes), or after ``max_iter`` matvecs (HVPs for a Hessian) in total.
+- trace and diagonal: a target r for the relative standard error. After a pilot, rounds
+  are sized from the sample variance so far (``adaptive.run_until_met``) until the
+  standard error is at most ``r * |mean|``, or after a budget of matvecs (HVPs for a
+  Hessian) in total.
 """
 
 from keras_hesstrace.linalg.common import PROBES, make_rng, numpy_probes, random_probe, stderr

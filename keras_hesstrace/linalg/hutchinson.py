@@ -6,39 +6,48 @@ the Keras functions pass the package's one TensorFlow generator, so the same see
 same probes as :func:`keras_hesstrace.layer_traces`.
 """
 
+import math
+
 import numpy as np
 
 from keras_hesstrace._validate import check_integer
+from keras_hesstrace.linalg.adaptive import run_until_met, target_met
 from keras_hesstrace.linalg.common import check_finite, numpy_probes, stderr, take_probe
 
 
 def hutchinson_trace(matvec, n, max_iter=100, tol=1e-3, min_probes=10, probe="rademacher", seed=None, draw=None):
     """Hutchinson's estimate of tr(A): the mean of v^T A v over random probes.
 
-    Stops when the standard error of the mean is at most ``tol * |mean|`` after at least
-    ``min_probes`` probes, or after ``max_iter`` probes (one matvec each: ``max_iter`` is the
-    total matvec budget). Sample m uses
-    probe ``draw(m)`` (default: ``numpy_probes(n, probe, seed)``; given ``draw``, ``probe``
-    and ``seed`` are not used).
+    ``tol`` > 0 is a target for the relative standard error: after a pilot of
+    ``min_probes`` probes, rounds are drawn by the rule of
+    :func:`keras_hesstrace.linalg.adaptive.run_until_met` (each sized from the sample variance so
+    far) until the standard error of the mean is at most ``tol * |mean|``, or ``max_iter``
+    probes (one matvec each: ``max_iter`` is the total matvec budget). ``tol=0``: exactly
+    ``max_iter`` probes. Sample m uses probe ``draw(m)`` (default:
+    ``numpy_probes(n, probe, seed)``; given ``draw``, ``probe`` and ``seed`` are not used).
 
     Returns:
-        dict with ``trace``, ``stderr``, ``samples`` [M], ``num_matvecs``, ``converged``.
+        dict with ``trace``, ``stderr``, ``samples`` [M], ``num_matvecs``, ``converged``
+        (the target was met; False with ``tol=0``).
     """
     max_iter = check_integer("max_iter", max_iter)
     draw = numpy_probes(n, probe, seed) if draw is None else draw
     min_probes = max(2, min(int(min_probes), max_iter))
-    samples, converged = [], False
-    for m in range(max_iter):
-        v = take_probe(draw, m, n)
-        w = np.asarray(matvec(v), dtype=np.float64)
-        check_finite(w)
-        samples.append(float(v @ w))
-        if m + 1 >= min_probes:
-            se = stderr(samples)
-            if se <= tol * abs(np.mean(samples)):
-                converged = True
-                break
-    samples = np.array(samples)
+
+    def samples_of(lo, hi):
+        out = []
+        for m in range(lo, hi):
+            v = take_probe(draw, m, n)
+            w = np.asarray(matvec(v), dtype=np.float64)
+            check_finite(w)
+            out.append([float(v @ w)])
+        return np.array(out)
+
+    if tol > 0 and max_iter >= 2:
+        samples = run_until_met(samples_of, min_probes, tol, max_iter)[:, 0]
+        converged = bool(target_met(samples[:, None], tol)[0])
+    else:
+        samples, converged = samples_of(0, max_iter)[:, 0], False
     return {
         "trace": float(samples.mean()),
         "stderr": stderr(samples),
@@ -109,26 +118,47 @@ def hutchpp_trace(
     }
 
 
-def hutchinson_diagonal(matvec, n, num_probes=100, probe="rademacher", seed=None, draw=None):
+def hutchinson_diagonal(matvec, n, num_probes=100, probe="rademacher", seed=None, draw=None, rel_stderr=None,
+                        max_probes=None, blocks=None):
     """Hutchinson's estimate of diag(A): the mean of v ⊙ A v over probes ``draw(0), draw(1), ...``
     (default ``numpy_probes(n, probe, seed)``).
 
+    With ``rel_stderr`` r: ``num_probes`` is a pilot; then probes are added in rounds (each
+    at least a tenth more, sized from the variances so far) until every block b of
+    ``blocks`` (a list of blocks, each a list of (start, stop) slices; default one block,
+    the whole vector) has ‖stderr_b‖ <= r ‖mean_b‖ (the block's relative standard error in
+    the 2-norm), or ``max_probes`` probes.
+
     Returns:
-        (mean [n], stderr [n]) float64; stderr is NaN for one probe.
+        (mean [n], stderr [n], num_probes): float64 arrays (stderr NaN for one probe) and
+        the probes used.
     """
     num_probes = check_integer("num_probes", num_probes)
     draw = numpy_probes(n, probe, seed) if draw is None else draw
+    blocks = [[(0, n)]] if blocks is None else [[(int(a), int(b)) for a, b in block] for block in blocks]
     total = np.zeros(n)
     total_sq = np.zeros(n)
-    for m in range(num_probes):
-        v = take_probe(draw, m, n)
-        w = np.asarray(matvec(v), dtype=np.float64)
-        check_finite(w)
-        s = v * w
-        total += s
-        total_sq += s * s
-    mean = total / num_probes
-    if num_probes < 2:
-        return mean, np.full(n, np.nan)
-    var = np.maximum(total_sq - num_probes * mean**2, 0.0) / (num_probes - 1)
-    return mean, np.sqrt(var / num_probes)
+    m, target = 0, num_probes
+    while True:
+        for m in range(m, target):
+            v = take_probe(draw, m, n)
+            w = np.asarray(matvec(v), dtype=np.float64)
+            check_finite(w)
+            s = v * w
+            total += s
+            total_sq += s * s
+        m = target
+        mean = total / m
+        if m < 2:
+            return mean, np.full(n, np.nan), m
+        var = np.maximum(total_sq - m * mean**2, 0.0) / (m - 1)
+        if rel_stderr is None or m >= max_probes:
+            return mean, np.sqrt(var / m), m
+        need = []
+        for block in blocks:
+            spread = sum(var[a:b].sum() for a, b in block)
+            size = sum(mean[a:b] @ mean[a:b] for a, b in block)
+            need.append(spread / (rel_stderr**2 * size) if size > 0 else np.inf)
+        if max(need) <= m:
+            return mean, np.sqrt(var / m), m
+        target = int(min(max_probes, max(math.ceil(max(need) * (1 - 1e-12)), m + math.ceil(m / 10))))
