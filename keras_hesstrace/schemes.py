@@ -17,13 +17,24 @@ Three unbiased estimators of a group's block trace tr(H_ll), each a mean of i.i.
   tr(H_ll) whose noise is a sum of single entries across groups (no group's own
   off-diagonal, no big layer's), so a few sweeps usually pin a small group's trace.
 
-``scheme="auto"`` spends probes where they buy the most: after a single-pass pilot of
-``num_probes``, every small group that the pilot did not serve goes to the coordinate
-design; of the other groups, those whose single-pass need is more than twice the pilot get a
-restricted pilot, and :func:`single_pass_count` picks the single-pass count that minimises
-the measured time of the whole plan (the single pass keeps the groups it serves at that
-count and the total; the others run restricted). Every run then draws rounds until its
-groups meet the target (:func:`keras_hesstrace.linalg.adaptive.run_until_met`).
+``scheme="auto"`` spends probes where they buy the most time, measured as it goes:
+
+1. a single-pass pilot of ``num_probes`` (it also gives the total);
+2. a restricted pilot of ``num_probes`` for every group whose single-pass need is more than
+   twice the pilot;
+3. if the restricted probes still needed by the small groups among them are projected to
+   cost more than ``DESIGN_TRIAL_FACTOR`` times two sweeps of the coordinate design, a
+   design pilot of two sweeps, and the design keeps the small groups for which it saves
+   the most time (:func:`design_groups`); a kept group that the design leaves short of the
+   target after its sweeps goes back to the others;
+4. for the others, :func:`single_pass_count` picks the single-pass count that minimises the
+   measured time (the single pass keeps the groups it serves at that count, and the total;
+   the rest run restricted);
+5. every run then draws rounds until its groups meet the target
+   (:func:`keras_hesstrace.linalg.adaptive.run_until_met`; the design by
+   :func:`run_design`, with its error pooled over entries).
+
+Pilots that end up unused are the price of choosing; ``num_hvps_drawn`` counts them.
 """
 
 from __future__ import annotations
@@ -34,16 +45,16 @@ from typing import Callable
 
 import numpy as np
 
-from keras_hesstrace.linalg.adaptive import probes_needed, run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import probes_needed, run_until_met
 
 SCHEMES = ("single", "restricted", "auto")
 # The largest group (scalar parameters) the coordinate design serves: a sweep costs as many
 # HVPs as its largest group has entries.
 COORDINATE_MAX_SIZE = 256
 RESTRICTED_STREAM = 2**40
-# A small group stays in the coordinate design when, from its two pilot sweeps, it needs at
-# most this many sweeps; otherwise the design serves it badly and it joins the others.
-DESIGN_MAX_SWEEPS = 8
+# The coordinate design is tried (a pilot of two sweeps) only when the restricted probes it
+# could replace are projected to cost this many times the pilot.
+DESIGN_TRIAL_FACTOR = 4
 
 
 def check_scheme(scheme, rel_stderr):
@@ -198,6 +209,37 @@ def run_design(draw_rows, design, rel_stderr, max_sweeps):
         rows = np.concatenate([rows, draw_rows(q_count, target)])
 
 
+def design_groups(design, pilot_rows, rel_stderr, saving, cost_per_hvp):
+    """Which groups the design should keep: the set that saves the most time, or none.
+
+    From the pilot's two sweeps each group needs Q_l = sweep_variance / (r · mean)² sweeps.
+    Keeping the k groups of smallest Q_l costs (max(2, Q) - 2) further sweeps of
+    ``design.sweep`` HVPs and saves their restricted probes:
+
+        benefit(k) = Σ_{kept} saving_l - (max Q_kept - 2) · sweep · cost_per_hvp
+
+    Args:
+        design: the :class:`CoordinateDesign`; pilot_rows: float [2 * sweep, L].
+        rel_stderr: the target r.
+        saving: float [L], seconds of restricted probes each group would otherwise still need.
+        cost_per_hvp: measured seconds per HVP of the design.
+
+    Returns:
+        sorted list of positions in ``design.groups`` (empty: the design does not pay).
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = design.sweep_variance(pilot_rows) / (rel_stderr * design.samples(pilot_rows).mean(axis=0)) ** 2
+    need = np.where(np.isfinite(need), need, np.inf)
+    order = np.argsort(need, kind="stable")
+    best, keep = 0.0, []
+    for k in range(1, len(order) + 1):
+        sweeps = max(2.0, math.ceil(need[order[k - 1]] * (1 - 1e-12))) if np.isfinite(need[order[k - 1]]) else np.inf
+        benefit = float(np.sum(np.asarray(saving)[order[:k]])) - (sweeps - 2) * design.sweep * cost_per_hvp
+        if benefit > best:
+            best, keep = benefit, sorted(int(i) for i in order[:k])
+    return keep
+
+
 def _timed(draw, clock, hvps_per_row=1):
     """``draw`` that appends (HVPs, seconds) of each call to ``clock``."""
     def run(lo, hi):
@@ -266,41 +308,35 @@ def mixed_traces(contract: Callable, scheme, group_positions, variable_sizes, nu
             run_restricted(l)
         single_cols = []
     else:
-        met = np.ones(num_groups, dtype=bool) if fixed else target_met(pilot[:, :-1], rel_stderr)
-        small = [l for l in range(num_groups) if not met[l] and sum(variable_sizes[j] for j in group_positions[l]) <= COORDINATE_MAX_SIZE]
+        need_sp = np.array([probes_needed(pilot[:, [l]], rel_stderr, cap=max_probes) for l in range(num_groups)], float)
+        need_total = probes_needed(pilot[:, [-1]], rel_stderr, cap=max_probes)
+        need_r = np.full(num_groups, np.inf)
+        for l in np.flatnonzero(need_sp > 2 * num_probes):   # restricted pilots where the single pass is dear
+            restricted[l] = _timed(lambda lo, hi, l=l: contract(lo, hi, ("restricted", l))[:, [l]], restricted_clock)(0, num_probes)
+            need_r[l] = probes_needed(restricted[l], rel_stderr, cap=max_probes)
+        small = [l for l in restricted if sum(variable_sizes[j] for j in group_positions[l]) <= COORDINATE_MAX_SIZE]
         if small:
             design = CoordinateDesign([group_positions[l] for l in small], variable_sizes, seed)
-            draw = _timed(lambda lo, hi: contract(lo * design.sweep, hi * design.sweep, ("coordinates", design))[:, small],
-                          design_clock, design.sweep)
-            pilot_rows = draw(0, 2)   # the design's pilot: two sweeps
-            with np.errstate(divide="ignore", invalid="ignore"):
-                need = design.sweep_variance(pilot_rows) / (rel_stderr * design.samples(pilot_rows).mean(axis=0)) ** 2
-            keep = [k for k in range(len(small)) if need[k] <= DESIGN_MAX_SWEEPS]
-            if keep:   # the kept groups' columns; the other small groups stay in the vectors
-                rows, errors = run_design(
-                    lambda lo, hi: (pilot_rows[lo * design.sweep:hi * design.sweep] if hi <= 2 else draw(lo, hi))[:, keep],
-                    design.subset(keep), rel_stderr, max(2, max_probes // design.sweep))
-                # A group the design still leaves short of the target joins the others.
-                met_design = errors <= rel_stderr * np.abs(rows.mean(axis=0))
-                for k_row, k in enumerate(keep):
-                    if met_design[k_row]:
-                        l = small[k]
-                        samples[l], schemes[l], stderr[l] = rows[:, k_row], "coordinates", errors[k_row]
-                        hvps[l], seconds[l] = len(rows) * design.sweep, sum(t for _, t in design_clock)
-                keep = [k for k, ok in zip(keep, met_design) if ok]
-            small = [small[k] for k in keep]
-        rest = [l for l in range(num_groups) if l not in small]
-        need_sp = np.array([probes_needed(pilot[:, [l]], rel_stderr, cap=max_probes) for l in rest], dtype=float)
-        need_total = probes_needed(pilot[:, [-1]], rel_stderr, cap=max_probes)
-        candidates = [l for l, n in zip(rest, need_sp) if n > 2 * num_probes]
-        need_r = np.zeros(len(rest))
-        for l in candidates:
-            rows = _timed(lambda lo, hi, l=l: contract(lo, hi, ("restricted", l))[:, [l]], restricted_clock)(0, num_probes)
-            restricted[l] = rows
-            need_r[rest.index(l)] = probes_needed(rows, rel_stderr, cap=max_probes)
-        is_candidate = np.array([l in restricted for l in rest], dtype=bool)
-        need_r[~is_candidate] = np.inf
-        _, go_restricted = single_pass_count(need_sp, need_r, num_probes, max(num_probes, need_total),
+            saving = np.maximum(need_r[small] - num_probes, 0) * _per_hvp(restricted_clock)
+            # Only worth a pilot (two sweeps) when the restricted probes it could replace cost
+            # several times more.
+            if saving.sum() > DESIGN_TRIAL_FACTOR * 2 * design.sweep * _per_hvp(restricted_clock):
+                draw = _timed(lambda lo, hi: contract(lo * design.sweep, hi * design.sweep, ("coordinates", design))[:, small],
+                              design_clock, design.sweep)
+                design_pilot = draw(0, 2)
+                keep = design_groups(design, design_pilot, rel_stderr, saving, _per_hvp(design_clock))
+                if keep:   # the kept groups' columns; the other small groups stay in the vectors
+                    rows, errors = run_design(
+                        lambda lo, hi: (design_pilot[lo * design.sweep:hi * design.sweep] if hi <= 2 else draw(lo, hi))[:, keep],
+                        design.subset(keep), rel_stderr, max(2, max_probes // design.sweep))
+                    # A group the design still leaves short of the target goes restricted after all.
+                    for k_row, k in enumerate(keep):
+                        if errors[k_row] <= rel_stderr * abs(rows[:, k_row].mean()):
+                            l = small[k]
+                            samples[l], schemes[l], stderr[l] = rows[:, k_row], "coordinates", errors[k_row]
+                            hvps[l], seconds[l] = len(rows) * design.sweep, sum(t for _, t in design_clock)
+        rest = [l for l in range(num_groups) if schemes[l] == "single"]
+        _, go_restricted = single_pass_count(need_sp[rest], need_r[rest], num_probes, max(num_probes, need_total),
                                              _per_hvp(single_clock), _per_hvp(restricted_clock))
         for l, r in zip(rest, go_restricted):
             if r:
