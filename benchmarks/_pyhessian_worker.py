@@ -1,13 +1,22 @@
 """PyTorch/PyHessian side of benchmarks/vs_pyhessian.py (runs in benchmarks/.venv-torch).
 
-Reads the batch from an .npz, builds a CIFAR ResNet-18 in PyTorch (the same architecture
-as keras_hesstrace.models.resnet18: 11,173,962 parameters), and times with PyHessian's
-own code paths:
-  - one HVP with the graph retained (what PyHessian does after its constructor);
-  - the full-model trace with PyHessian's defaults (maxIter=100, tol=1e-3);
-  - every layer's trace the way a PyHessian user must get it: for each layer with
-    parameters, freeze the others, build a `hessian` object (forward + create_graph
-    backward) and run `trace(maxIter=M, tol=-inf)` (a fixed M probes).
+Builds the PyTorch twin of the Keras network (_torch_resnets.py: ResNet-20 or ResNet-18 with
+TensorFlow's padding), loads the Keras side's weights, the batch and the fixed vector v from
+the .npz files it wrote, and measures with PyHessian's own code paths (one process, the
+threads given):
+
+  float32 (timed, medians of reps after warmup):
+  - the loss; one gradient (forward + backward);
+  - PyHessian's constructor (forward + create_graph backward), then one HVP on its retained
+    graph, and one HVP with the graph rebuilt (plain PyTorch); H v is written to an .npz;
+  - top-k eigenvalues: `hessian.eigenvalues(top_n=k, maxIter=100, tol=1e-3)` (its defaults),
+    seconds incl. its constructor, HVPs counted by wrapping pyhessian's hessian_vector_product;
+  - the full trace: `hessian.trace(maxIter=100, tol=1e-3)` (its defaults), incl. the
+    constructor; its samples are returned (the caller computes their standard error);
+  - every layer's trace (given per-layer probe counts M_l, keyed by Keras layer path): for each
+    layer, freeze the others, build `hessian` and run `trace(maxIter=M_l, tol=-inf)`.
+  float64 (values only, with float64 in the spec): loss, H v, the eigenvalues and trace as above.
+
 Prints one JSON line "RESULT {...}".
 """
 
@@ -18,109 +27,125 @@ import time
 import numpy as np
 import torch
 from torch import nn
-from pyhessian import hessian
 
+import pyhessian  # noqa: F401  (its __init__ shadows the module pyhessian.hessian with the class)
 from _timing import timed
+from _torch_resnets import build, layers, named_params
+
+ph = sys.modules["pyhessian.hessian"]
+HVPS = [0]
+_hvp = ph.hessian_vector_product
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, cin, cout, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        h = torch.relu(self.bn1(self.conv1(x)))
-        h = self.bn2(self.conv2(h))
-        return torch.relu(h + self.shortcut(x))
+def _counted_hvp(*args, **kwargs):
+    HVPS[0] += 1
+    return _hvp(*args, **kwargs)
 
 
-class ResNet18(nn.Module):
-    def __init__(self, num_classes=10):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(64)
-        blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.head = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.conv(x)))
-        h = self.blocks(h)
-        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 1), 1))
+ph.hessian_vector_product = _counted_hvp  # PyHessian's eigenvalues() and trace() call it by this name
 
 
-def main(npz, threads, reps, warmup, probes, skip_layers):
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    data = np.load(npz)
-    x = torch.from_numpy(np.transpose(data["x"], (0, 3, 1, 2)).copy())
+def _stats(samples):
+    s = np.asarray(samples, dtype=np.float64)
+    se = float(s.std(ddof=1) / np.sqrt(len(s))) if len(s) > 1 else float("nan")
+    return {"value": float(s.mean()), "stderr": se, "probes": len(s)}
+
+
+def measure(spec, dtype, timings):
+    torch.set_default_dtype(dtype)  # PyHessian draws its eigenvalue start vectors with torch.randn
+    data = np.load(spec["batch"])
+    x = torch.from_numpy(np.transpose(data["x"], (0, 3, 1, 2)).copy()).to(dtype)
     y = torch.from_numpy(data["y"]).long()
-    model = ResNet18().eval()
-    n_params = sum(p.numel() for p in model.parameters())
-    assert n_params == 11_173_962, n_params
+    model = build(spec["arch"], spec["weights"], dtype)
     criterion = nn.CrossEntropyLoss()
-    out = {"torch": torch.__version__, "threads": torch.get_num_threads(), "params": n_params}
+    named = named_params(model)
+    params = [p for _, p in named]
+    vec = np.load(spec["vector"])
+    v = []
+    for k, p in named:
+        a = vec[k]
+        a = np.transpose(a, (3, 2, 0, 1)) if a.ndim == 4 else (a.T if a.ndim == 2 else a)
+        v.append(torch.from_numpy(np.ascontiguousarray(a)).to(dtype))
+    out = {"params": sum(p.numel() for p in params)}
+    with torch.no_grad():
+        out["loss"] = float(criterion(model(x), y))
 
     def gradient():
         model.zero_grad(set_to_none=True)
         criterion(model(x), y).backward()
 
-    out["gradient_s"], _ = timed(gradient, warmup, reps)
-
-    start = time.perf_counter()
-    h = hessian(model, criterion, data=(x, y), cuda=False)
-    out["constructor_s"] = time.perf_counter() - start
-    v = [torch.randint_like(p, high=2) * 2 - 1 for p in h.params]
-    out["hvp_retained_s"], _ = timed(lambda: torch.autograd.grad(h.gradsH, h.params, grad_outputs=v, retain_graph=True), warmup, reps)
-
     def fresh_hvp():
-        model.zero_grad(set_to_none=True)
-        params = [p for p in model.parameters()]
         loss = criterion(model(x), y)
         grads = torch.autograd.grad(loss, params, create_graph=True)
-        torch.autograd.grad(grads, params, grad_outputs=v)
+        return torch.autograd.grad(grads, params, grad_outputs=v)
 
-    out["hvp_fresh_s"], _ = timed(fresh_hvp, warmup, reps)
+    if timings:
+        out["gradient_s"], _ = timed(gradient, spec["warmup"], spec["reps"])
+        out["hvp_fresh_s"], _ = timed(fresh_hvp, spec["warmup"], spec["reps"])
+    hv = fresh_hvp()
+    hv_np = {}
+    for (k, _), h in zip(named, hv):
+        a = h.detach().numpy()
+        hv_np[k] = np.transpose(a, (2, 3, 1, 0)) if a.ndim == 4 else (a.T if a.ndim == 2 else a)
 
-    np.random.seed(0)
-    torch.manual_seed(0)
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    h = ph.hessian(model, criterion, data=(x, y), cuda=False)
+    out["constructor_s"] = time.perf_counter() - start
+    # PyHessian's params are model.parameters() in module-registration order = named_params' order
+    assert all(a is b for a, b in zip(h.params, params)) and len(h.params) == len(params)
+    if timings:
+        out["hvp_retained_s"], _ = timed(lambda: torch.autograd.grad(h.gradsH, h.params, grad_outputs=v, retain_graph=True),
+                                         spec["warmup"], spec["reps"])
+
+    torch.manual_seed(spec["seed"])
+    HVPS[0] = 0
+    start = time.perf_counter()
+    eigenvalues, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=spec["k"])
+    out["eigen"] = {"values": [float(e) for e in eigenvalues], "hvps": HVPS[0],
+                    "seconds": time.perf_counter() - start + out["constructor_s"]}
+
+    torch.manual_seed(spec["seed"])
+    HVPS[0] = 0
     start = time.perf_counter()
     samples = h.trace(maxIter=100, tol=1e-3)
-    out["trace_default_s"] = time.perf_counter() - start + out["constructor_s"]
-    out["trace_default_probes"] = len(samples)
-    out["trace_default_value"] = float(np.mean(samples))
+    out["trace"] = dict(_stats(samples), samples=[float(s) for s in samples], hvps=HVPS[0],
+                        seconds=time.perf_counter() - start + out["constructor_s"])
     del h
 
-    if not skip_layers:
-        layers = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-        out["layers"] = len(layers)
-        start = time.perf_counter()
-        traces = []
-        for i, layer in enumerate(layers):
+    counts = spec.get("layer_counts") if timings else None
+    if counts:
+        per_layer, start = {}, time.perf_counter()
+        mods = layers(model)
+        for i, layer in enumerate(mods):
             own = set(id(p) for p in layer.parameters(recurse=False))
             for p in model.parameters():
                 p.requires_grad_(id(p) in own)
             model.zero_grad(set_to_none=True)
-            hl = hessian(model, criterion, data=(x, y), cuda=False)
-            traces.append(float(np.mean(hl.trace(maxIter=probes, tol=float("-inf")))))
+            torch.manual_seed(spec["seed"] + 1 + i)
+            hl = ph.hessian(model, criterion, data=(x, y), cuda=False)
+            per_layer[layer.keras_path] = _stats(hl.trace(maxIter=int(counts[layer.keras_path]), tol=float("-inf")))
             del hl
-            print(f"  pyhessian layer {i + 1}/{len(layers)}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-        out["layerwise_s"] = time.perf_counter() - start
-        out["layerwise_probes"] = probes
+            print(f"  pyhessian layer {i + 1}/{len(mods)}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        out["layers"] = {"seconds": time.perf_counter() - start, "hvps": int(sum(counts.values())), "traces": per_layer}
         for p in model.parameters():
             p.requires_grad_(True)
-    print("RESULT " + json.dumps(out))
+    return out, hv_np
+
+
+def main(spec):
+    torch.set_num_threads(spec["threads"])
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    arrays = {}
+    for name, dtype, timings in (("float32", torch.float32, True), ("float64", torch.float64, False)):
+        if name == "float64" and not spec["float64"]:
+            continue
+        print(f"  pyhessian side, {name} ...", file=sys.stderr, flush=True)
+        result[name], hv = measure(spec, dtype, timings)
+        arrays.update({f"{name}:{k}": a for k, a in hv.items()})
+    np.savez(spec["hv_out"], **arrays)
+    print("RESULT " + json.dumps(result))
 
 
 if __name__ == "__main__":
-    args = json.loads(sys.argv[1])
-    main(**args)
+    main(json.loads(sys.argv[1]))
