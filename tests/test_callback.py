@@ -551,3 +551,53 @@ def test_by_and_groups_and_their_older_spellings():
     cb = HessianTraceCallback((x[:16], y[:16]), groups=["nope"], verbose=0)
     with pytest.raises(ValueError, match=r"Unknown group\(s\) \['nope'\]"):
         model.fit(x, y, batch_size=16, epochs=1, verbose=0, callbacks=[cb])
+
+
+# ------------------------------------------------------------------ a target per snapshot
+
+def test_a_target_per_snapshot_draws_what_each_needs_and_records_the_count(tmp_path):
+    model = small_model()
+    x, y = data()
+    batch = (x[:32], y[:32])
+    path = tmp_path / "t.csv"
+    cb = HessianTraceCallback(batch, every_n_steps=4, num_probes=4, rel_stderr=0.2, max_probes=400, csv_path=path,
+                              seed=1, verbose=0)
+    model.fit(x, y, batch_size=8, epochs=2, callbacks=[cb], verbose=0)
+    frame = pd.read_csv(path)
+    assert len(cb.history) == 5  # steps 0, 4, ..., 16
+    for snap in cb.history:
+        r = snap["result"]
+        assert r.rel_stderr_target == 0.2 and np.all(r.target_met) and r.total_target_met
+        rows = frame[frame["step"] == snap["step"]]
+        assert set(rows["num_probes"]) == {r.num_probes} and r.num_probes >= 4
+        assert np.all(np.abs(rows["stderr"]) <= 0.2 * np.abs(rows["trace"]) * (1 + 1e-9))
+    assert frame["num_probes"].nunique() > 1 or frame["num_probes"].iloc[0] > 4  # counts follow the noise
+    first = cb.history[0]
+    # a resume with another target is another run's file: refused, naming the setting
+    other = HessianTraceCallback(batch, every_n_steps=4, num_probes=4, rel_stderr=0.1, csv_path=path, seed=1, verbose=0)
+    with pytest.raises(ValueError, match="rel_stderr"):
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[other], verbose=0)
+    other.close()
+    assert first["result"].groups == ("hidden", "head")
+
+
+def test_a_missed_target_is_warned_about_once_per_fit(tmp_path):
+    model = small_model()
+    x, y = data()
+    cb = HessianTraceCallback((x[:32], y[:32]), every_n_steps=2, num_probes=3, rel_stderr=0.001, max_probes=6,
+                              seed=1, verbose=0)
+    with pytest.warns(RuntimeWarning, match=r"step 0 .* did not reach rel_stderr=0.001 within max_probes=6") as caught:
+        model.fit(x, y, batch_size=8, epochs=1, callbacks=[cb], verbose=0)
+    assert sum("did not reach rel_stderr" in str(w.message) for w in caught) == 1
+    assert len(cb.history) == 5 and all(snap["result"].num_probes == 6 for snap in cb.history)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rel_stderr=1.5), r"rel_stderr must be None .* got 1\.5"),
+    (dict(rel_stderr=0.1, num_probes=1), r"num_probes \(the pilot with rel_stderr\) must be an integer >= 2"),
+    (dict(max_probes=50), r"max_probes is used only with rel_stderr"),
+])
+def test_bad_targets_are_refused_when_the_callback_is_made(kwargs, message):
+    x, y = data()
+    with pytest.raises(ValueError, match=message):
+        HessianTraceCallback((x[:32], y[:32]), **kwargs)

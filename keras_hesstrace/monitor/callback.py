@@ -49,19 +49,19 @@ from typing import TYPE_CHECKING
 
 import keras
 
-from keras_hesstrace._validate import check_integer
 from keras_hesstrace.files import FolderLock
 from keras_hesstrace.groups import split_grouping
-from keras_hesstrace.hvp import DEFAULT_MODE, check_mode
+from keras_hesstrace.hvp import DEFAULT_MODE
 from keras_hesstrace.losses import check_mean_reduction, resolve_loss
 from keras_hesstrace.monitor.callback_setup import (
+    check_arguments,
     check_calibration_model,
-    check_detector,
     check_overrun,
     resolve_detectors,
     resolve_groups,
 )
-from keras_hesstrace.monitor.callback_report import epochs_completed, say, summary_text, unusable_text
+from keras_hesstrace.monitor.callback_report import (epochs_completed, say, summary_text, target_missed_text,
+                                                     unusable_text)
 from keras_hesstrace.monitor.csv_log import (TOTAL, check_csv_path, csv_columns, csv_identity,
                                               older_csv_columns, open_snapshot_csv, replay_detectors)
 from keras_hesstrace.monitor.precision import mixed_precision_layers
@@ -85,7 +85,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
         data: a fixed ``(x, y)`` batch, or a ``tf.data.Dataset`` of ``(x, y)`` batches
             (the next batch at each snapshot, cycling when it ends).
         every_n_steps: optimiser steps between snapshots (>= 1).
-        num_probes: Rademacher probes (HVPs) per snapshot (>= 1).
+        num_probes: Rademacher probes (HVPs) per snapshot (>= 1); with ``rel_stderr``,
+            each snapshot's pilot (>= 2). Defaults to 10.
+        rel_stderr: a target r in (0, 1) instead of a fixed count: each snapshot draws
+            probes until every recorded group and the total has stderr <= r·|trace|
+            (``layer_traces(rel_stderr=r)``), or ``max_probes``; the CSV's ``num_probes``
+            says how many each snapshot took, and a snapshot that misses the target is
+            warned about once per fit. A ``Calibration`` detector was calibrated with
+            fixed counts: a target changes each snapshot's noise, so its false-alarm rate
+            is not promised (a warning says so). Defaults to None.
+        max_probes: with ``rel_stderr``, the most probes per snapshot. Defaults to 1000.
         by: how to group the variables, as ``layer_traces`` takes it (``"layer"``,
             ``"variable"``, path patterns, ...). Defaults to ``"layer"``.
         groups: names of the groups to record (default: all). The total trace over
@@ -164,24 +173,19 @@ class HessianTraceCallback(keras.callbacks.Callback):
                  stop_on_alert: bool = False, on_alert: Callable | None = None, seed: int = 0,
                  verbose: int = 1, loss=None, probes_per_call: int = 1,
                  max_batch_size: int | None = None, mode: str = DEFAULT_MODE, layers=None,
-                 summary: bool = True) -> None:
+                 summary: bool = True, rel_stderr: float | None = None, max_probes: int | None = None) -> None:
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
-                            ("probes_per_call", probes_per_call)):
-            check_integer(name, value)
-        check_integer("max_batch_size", max_batch_size, none="no chunking")
-        seed = check_integer("seed", seed, minimum=0, maximum=2**31 - 1)  # seed * 2**32 + step: int64
-        check_mode(mode)
+        seed, rel_stderr, max_probes = check_arguments(every_n_steps, num_probes, probes_per_call, max_batch_size,
+                                                       seed, mode, rel_stderr, max_probes, detector, on_alert)
         check_snapshot_data(data)
         csv_path = None if csv_path is None else check_csv_path(csv_path)
         if log_dir is not None:
             check_tensorboard()
-        check_detector(detector)
-        if on_alert is not None and not callable(on_alert):
-            raise TypeError("on_alert must be callable.")
         self.data = data
         self.every_n_steps = int(every_n_steps)
         self.num_probes = int(num_probes)
+        self.rel_stderr = rel_stderr
+        self.max_probes = max_probes
         if layers is not None:
             if groups is not None:
                 raise ValueError("pass the groups to record as groups= (layers= is its older name), not both.")
@@ -220,6 +224,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._steps_per_epoch = None  # Keras's params["steps"], or the first epoch's count
         self._mid_line = False  # Keras's progress bar has an unfinished line
         self._fit_steps = []  # steps of the snapshots this fit took
+        self._target_warned = False  # a snapshot of this fit missed rel_stderr (warned once)
         self._epoch_at = {}  # step -> epoch of the recorded snapshots
         self._first_epoch = True
         self._batches = SnapshotBatches(data)  # the dataset's position
@@ -266,7 +271,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         """
         groups = self._names + [TOTAL]
         identity = csv_identity(self.model, groups, self.by, self.seed, self.every_n_steps,
-                                self.num_probes)
+                                self.num_probes, self.rel_stderr, self.max_probes)
         with_detectors = bool(self.detectors)
         self._csv, rows = open_snapshot_csv(self.csv_path, csv_columns(with_detectors), identity,
                                             step, self.every_n_steps,
@@ -310,6 +315,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._epoch = None
         self._first_epoch = True
         self._fit_steps = []
+        self._target_warned = False
         self._steps_per_epoch = (self.params or {}).get("steps") or None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
@@ -363,12 +369,16 @@ class HessianTraceCallback(keras.callbacks.Callback):
         epoch = epochs_completed(self._epoch, step, self._epoch_start_step,
                                  self._steps_per_epoch, at_epoch_end)
         rows, alerts, bad = score_snapshot(self.detectors, step, epoch, values,
-                                           self.num_probes, probe_seed, wall)
+                                           result.num_probes, probe_seed, wall)
         self.history.append({"step": step, "epoch": epoch, "result": result})
         self._epoch_at[step] = epoch
         self._fit_steps.append(step)
         self._last_recorded = step
         self._record(step, rows, values)
+        if self.rel_stderr is not None and not self._target_warned and not (
+                all(result.target_met) and result.total_target_met) and result.finite:
+            self._target_warned = True
+            warnings.warn(target_missed_text(step, epoch, result, self.max_probes), RuntimeWarning, stacklevel=3)
         if bad:
             self._warn_unusable(step, bad, result.loss)
         for g, r in alerts:
@@ -377,7 +387,9 @@ class HessianTraceCallback(keras.callbacks.Callback):
     def _traces(self, x, y, probe_seed):
         return snapshot_traces(self.model, x, y, self._mixed_layers, self._float32_cache,
                                num_probes=self.num_probes, by=self.by, seed=probe_seed,
-                               loss=self.loss, **self._trace_options)
+                               loss=self.loss, **self._trace_options,
+                               **({} if self.rel_stderr is None else dict(
+                                   rel_stderr=self.rel_stderr, max_probes=self.max_probes, groups=self._names)))
 
     def _record(self, step, rows, values):
         if self._csv is not None:

@@ -11,9 +11,13 @@ of the callback's settings: they keep no state.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
+from keras_hesstrace._validate import check_integer
 from keras_hesstrace.groups import layer_groups, select_groups
+from keras_hesstrace.hvp import check_mode
+from keras_hesstrace.linalg.adaptive import check_target
 from keras_hesstrace.identity import describe_mismatch, model_fingerprint
 from keras_hesstrace.monitor.calibration import Calibration
 from keras_hesstrace.monitor.csv_log import TOTAL
@@ -21,6 +25,30 @@ from keras_hesstrace.monitor.page_hinkley import PageHinkley
 
 if TYPE_CHECKING:
     import keras
+
+
+def check_arguments(every_n_steps, num_probes, probes_per_call, max_batch_size, seed, mode, rel_stderr, max_probes,
+                    detector, on_alert) -> tuple:
+    """Validate ``HessianTraceCallback``'s numeric settings, detector and hook before any fit.
+
+    Returns:
+        (seed, rel_stderr, max_probes), checked (max_probes defaulted with a target).
+    """
+    for name, value in (("every_n_steps", every_n_steps), ("num_probes", num_probes),
+                        ("probes_per_call", probes_per_call)):
+        check_integer(name, value)
+    check_integer("max_batch_size", max_batch_size, none="no chunking")
+    seed = check_integer("seed", seed, minimum=0, maximum=2**31 - 1)  # seed * 2**32 + step: int64
+    check_mode(mode)
+    rel_stderr, max_probes = check_target(rel_stderr, max_probes, int(num_probes))
+    check_detector(detector)
+    if rel_stderr is not None and isinstance(detector, Calibration):
+        warnings.warn("rel_stderr with a Calibration detector: the calibration measured its false-alarm rate with a "
+                      "fixed probe count, and a target changes each snapshot's noise, so that rate is not promised "
+                      "here (calibrate with the same setting, or use num_probes).", UserWarning, stacklevel=3)
+    if on_alert is not None and not callable(on_alert):
+        raise TypeError("on_alert must be callable.")
+    return seed, rel_stderr, max_probes
 
 
 def check_detector(detector: Calibration | PageHinkley | dict[str, PageHinkley] | None) -> None:

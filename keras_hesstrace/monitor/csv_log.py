@@ -135,21 +135,27 @@ def _describe_grouping(by) -> str:
 
 
 def csv_identity(model, groups: Sequence[str], by, seed: int, every_n_steps: int,
-                 num_probes: int) -> dict:
+                 num_probes: int, rel_stderr: float | None = None, max_probes: int | None = None) -> dict:
     """What the callback's CSV belongs to, as saved in its sidecar.
 
     Args:
         model: the fitted model (its ``model_fingerprint``).
         groups: the recorded groups, ``"total"`` included.
         by: the grouping (``HessianTraceCallback``'s ``by``).
-        seed, every_n_steps, num_probes: the callback's settings of those names.
+        seed, every_n_steps, num_probes, rel_stderr, max_probes: the callback's settings
+            of those names (the last two only with a target, so that sidecars written
+            before them still match a run without one).
 
     Returns:
-        dict with keys model, groups, by, seed, every_n_steps, num_probes.
+        dict with keys model, groups, by, seed, every_n_steps, num_probes (and
+        rel_stderr, max_probes with a target).
     """
-    return {"model": model_fingerprint(model), "groups": list(groups),
-            "by": _describe_grouping(by), "seed": int(seed),
-            "every_n_steps": int(every_n_steps), "num_probes": int(num_probes)}
+    identity = {"model": model_fingerprint(model), "groups": list(groups),
+                "by": _describe_grouping(by), "seed": int(seed),
+                "every_n_steps": int(every_n_steps), "num_probes": int(num_probes)}
+    if rel_stderr is not None:
+        identity.update(rel_stderr=float(rel_stderr), max_probes=int(max_probes))
+    return identity
 
 
 def check_csv_identity(csv_path: str, identity: dict) -> bool:

@@ -29,12 +29,13 @@ def snapshot_traces(model, x, y, mixed_layers: list, float32_cache: dict, **opti
     """``layer_traces(model, x, y, verbose=0, **options)``, in float32 for the layers
     ``mixed_layers`` (mixed precision; ``float32_cache`` keeps the functions traced).
 
-    The "Non-finite Hessian trace" warning is silenced: the callback reports a
-    non-finite estimate once, with its step.
+    The "Non-finite Hessian trace" and "rel_stderr ... not met" warnings are silenced:
+    the callback reports each once, with its step.
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Non-finite Hessian trace",
                                 category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message="rel_stderr=.* not met", category=RuntimeWarning)
         if not mixed_layers:
             return layer_traces(model, x, y, verbose=0, **options)
         with float32_curvature(model, mixed_layers, float32_cache):
