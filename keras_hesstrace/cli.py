@@ -210,6 +210,10 @@ def build_parser():
                                        "error is at most R times its trace, e.g. 0.05, or --max-probes is spent")
     est.add_argument("--max-probes", type=COUNT, default=None, metavar="N",
                      help="with --rel-stderr: the most probes to draw (default 1000)")
+    est.add_argument("--scheme", choices=("single", "restricted", "auto"), default="single",
+                     help="how probes are spent: 'single' (default) one HVP serves every layer; 'restricted' each "
+                          "layer its own probes (PyHessian's per-layer route); 'auto' (needs --rel-stderr) the "
+                          "cheapest per layer, by measured cost; traces.csv then says which each layer got")
     est.set_defaults(func=_command("run_estimate"))
 
     eig = sub.add_parser(
@@ -346,6 +350,8 @@ def check_flag_combinations(args):
                        "largest-magnitude eigenvalues only.")
     if args.command == "estimate" and args.max_probes is not None and args.rel_stderr is None:
         raise CLIError("--max-probes only applies with --rel-stderr (without it, --num-probes is the count).")
+    if args.command == "estimate" and args.scheme == "auto" and args.rel_stderr is None:
+        raise CLIError("--scheme auto chooses probes to meet a target: add --rel-stderr R (e.g. 0.05).")
     if args.command == "demo" and args.train_examples is not None and args.train_examples < args.probe_batch_size:
         raise CLIError(f"--train-examples {args.train_examples} must be at least --probe-batch-size "
                        f"({args.probe_batch_size}).")

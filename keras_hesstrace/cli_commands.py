@@ -99,7 +99,7 @@ def with_total(frame, result, num_params=None):
     if getattr(result, "rel_stderr_target", None) is not None:
         row.update(rel_stderr_target=result.rel_stderr_target, target_met=bool(result.total_target_met))
     row.update(trace=result.total, stderr=result.total_stderr, rel_stderr=rel,
-               num_params=int(np.sum(result.group_sizes)) if num_params is None else int(num_params), num_probes=result.num_probes,
+               num_params=int(np.sum(result.group_sizes)) if num_params is None else int(num_params), num_probes=len(result.total_samples),
                gradient_norm=getattr(result, "gradient_norm", np.nan))
     total = pd.DataFrame([{c: row[c] for c in frame.columns}], index=pd.Index(["total"], name=frame.index.name))
     return pd.concat([frame, total.astype(frame.dtypes.to_dict(), errors="ignore")])
@@ -114,7 +114,7 @@ def run_estimate(args):
     model, data, labels, loss, meta = prepare(args)
     target = {} if args.rel_stderr is None else {"rel_stderr": args.rel_stderr, "max_probes": args.max_probes or 1000}
     result = kh.layer_traces(model, data, labels, num_probes=args.num_probes, by=args.by, groups=selected_groups(args),
-                             seed=args.seed, loss=loss, mode=args.mode, verbose=1, **target)
+                             seed=args.seed, loss=loss, mode=args.mode, verbose=1, scheme=args.scheme, **target)
     frame = result.to_frame()
     print()
     print(result)
@@ -126,7 +126,7 @@ def run_estimate(args):
             **meta, "command": "estimate", "mode_used": getattr(result, "mode", args.mode),
             "num_probes": result.num_probes, "loss_value": result.loss,
             "total_trace": result.total, "total_stderr": result.total_stderr,
-            "rel_stderr_target": args.rel_stderr,
+            "rel_stderr_target": args.rel_stderr, "scheme": args.scheme, "hvps_drawn": result.num_hvps_drawn,
             "groups_table": frame.reset_index().to_dict(orient="records"),
         })
         plots.plot_traces(frame, os.path.join(out, "traces.png"), total=result.total, total_stderr=result.total_stderr, by=args.by,

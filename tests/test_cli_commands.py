@@ -460,9 +460,23 @@ def test_estimate_to_a_relative_standard_error(saved, capsys):
     assert payload["rel_stderr_target"] == 0.5 and payload["num_probes"] == frame["num_probes"].iloc[0]
 
 
+def test_estimate_with_the_cheapest_scheme_per_layer(saved, capsys):
+    """--scheme auto: traces.csv says which scheme served each layer, estimate.json the HVPs drawn."""
+    out_dir = saved / "est-auto"
+    code, out, err = _run(["estimate", str(saved / "m.keras"), *SMALL, "--num-probes", "4", "--rel-stderr", "0.3",
+                           "--max-probes", "200", "--scheme", "auto", "--out", str(out_dir)], capsys)
+    assert code == 0, err
+    frame = pd.read_csv(out_dir / "traces.csv", index_col=0)
+    assert set(frame.loc[["conv", "head"], "scheme"]) <= {"single", "restricted", "coordinates"}
+    assert {"num_hvps", "seconds"} <= set(frame.columns)
+    payload = json.loads((out_dir / "estimate.json").read_text(), parse_constant=pytest.fail)
+    assert payload["scheme"] == "auto" and payload["hvps_drawn"] >= frame["num_hvps"].max()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--rel-stderr", "1.5"], "--rel-stderr must be in (0, 1), got 1.5"),
     (["--max-probes", "50"], "--max-probes only applies with --rel-stderr"),
+    (["--scheme", "auto"], "--scheme auto chooses probes to meet a target: add --rel-stderr"),
 ])
 def test_a_bad_target_is_one_line_before_loading(saved, capsys, monkeypatch, argv, message):
     monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("loaded before checking the flags"))
