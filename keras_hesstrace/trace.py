@@ -161,9 +161,10 @@ def layer_traces(
         total_steps = (None if num_batches is None or rel_stderr is not None or scheme != "single"
                        else int(num_batches) * num_probes)
         show = verbose == 1 or (verbose == "auto")
-        if rel_stderr is not None and isinstance(x, collections.abc.Iterator):
-            raise ValueError("rel_stderr draws probes in rounds, one pass over the data each: pass data that can be "
-                             "iterated again (a list of batches or a tf.data.Dataset), not an iterator or generator.")
+        if (rel_stderr is not None or scheme != "single") and isinstance(x, collections.abc.Iterator):
+            what = "rel_stderr draws probes in rounds" if rel_stderr is not None else f"scheme={scheme!r} runs each group"
+            raise ValueError(f"{what}, one pass over the data each: pass data that can be iterated again (a list "
+                             "of batches or a tf.data.Dataset), not an iterator or generator.")
     else:
         total_steps = None if rel_stderr is not None or scheme != "single" else num_probes
         show = verbose == 1

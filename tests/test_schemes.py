@@ -218,6 +218,18 @@ def test_schemes_reuse_the_compiled_functions():
     assert op.tracing_count() == count
 
 
+def test_the_dataset_mode_runs_every_scheme_and_refuses_an_iterator():
+    model = mt.mlp()
+    x, y = mt.data(n=20)
+    batches = [(x[:8], y[:8]), (x[8:16], y[8:16]), (x[16:], y[16:])]
+    r = kh.layer_traces(model, batches, num_probes=3, seed=5, loss=xent64(), scheme="restricted", verbose=0)
+    whole = kh.layer_traces(model, x, y, num_probes=3, seed=5, loss=xent64(), scheme="restricted")
+    np.testing.assert_allclose(r.samples, whole.samples, rtol=1e-10)   # batch-weighted = the mean loss over all
+    assert r.num_batches == 3
+    with pytest.raises(ValueError, match=r"scheme='restricted' runs each group, one pass over the data each"):
+        kh.layer_traces(model, iter(batches), num_probes=3, loss=xent64(), scheme="restricted", verbose=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scheme="fast"), r"scheme must be one of \('single', 'restricted', 'auto'\), not 'fast'"),
     (dict(scheme="auto"), r"scheme='auto' chooses probes to meet a target: pass rel_stderr"),
