@@ -38,9 +38,11 @@ from keras_hesstrace._second_order import exact_moments, patch_available
 from keras_hesstrace.batches import batch_signature, check_vector, signature_key, to_tensors, weighted_mean
 from keras_hesstrace.distribute import effective_strategy, shard_batch
 from keras_hesstrace.groups import check_model
-from keras_hesstrace.hvp_bodies import coordinate_vectors, hvp_body, hvp_body_many, random_vectors
+from keras_hesstrace.hvp_bodies import (check_flat, coordinate_vectors, flat_hvp_body, flat_probe_body, hvp_body,
+                                        hvp_body_many, random_vectors)
 from keras_hesstrace.losses import loss_key, make_objective
 from keras_hesstrace.mode_check import ModeCheck, check_modes, forward_fallback, forward_unsafe_layers
+from keras_hesstrace.probes import check_probe
 
 MODES = ("auto", "forward", "reverse")
 # "auto" checks forward against reverse once per operator and prefers forward, the mode
@@ -252,6 +254,48 @@ class HessianOperator:
 
         out = weighted_mean(one, data, num_batches)
         return out[:-1], out[-1]
+
+    def flat_matvec(self, x, y, flat) -> tuple[tf.Tensor, tf.Tensor]:
+        """Hv on one batch for a flat vector, one compiled call: split, product and concatenation
+        run in the graph (:func:`keras_hesstrace.hvp_bodies.flat_hvp_body`), one transfer each way.
+
+        Args:
+            x, y: one batch (tensors, arrays or nests) with equal leading dimension.
+            flat: float [n] (float64 or the variables' dtype): ``self.variables``' entries
+                concatenated in order, each variable row-major.
+
+        Returns:
+            (hv, loss): tensors, float64 [n] and the float64 scalar loss.
+        """
+        x, y = to_tensors(x, y)
+        flat = check_flat(self.variables, flat)
+        self.resolve_mode(x, y)
+        variables, objective = self.variables, self.objective
+
+        def run():
+            mode = self.mode
+            body = lambda x, y, flat: flat_hvp_body(objective, variables, x, y, flat, mode)  # noqa: E731
+            return tuple(self._run(("flat_matvec", mode), body, x, y, flat))
+
+        return self._forward_or_fallback(run)
+
+    def flat_probe(self, seed, probe: str = "rademacher", streams=None) -> tf.Tensor:
+        """``draw_probe(self.variables, seed, probe, streams)`` as float64 [n], one compiled call per
+        (probe, streams); bit-identical to the eager draw (stateless kernels, never XLA-compiled).
+
+        Args:
+            seed: int64 [2], the probe's stateless seed (``keras_hesstrace.probes.probe_seed``).
+            streams: each variable's stream number (default its position), as in ``draw_probe``.
+        """
+        check_probe(probe)
+        key = ("flat_probe", probe, tuple(range(len(self.variables))) if streams is None else tuple(map(int, streams)))
+        fn = self._functions.get(key)
+        if fn is None:
+            variables = self.variables
+            fn = tf.function(lambda seed: flat_probe_body(variables, seed, probe, key[2]),
+                             input_signature=[tf.TensorSpec([2], tf.int64)])
+            self._functions[key] = fn
+        return fn(tf.convert_to_tensor(seed, tf.int64))
 
     def probe_contractions(self, x, y, seeds, probe, group_positions, support=None):
         """P probes in one compiled call: draw each v, compute Hv, contract per group.

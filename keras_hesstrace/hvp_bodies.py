@@ -5,7 +5,9 @@ gradient and H·v for each vector, in one of the two modes ``keras_hesstrace.hvp
 describes: ``"reverse"`` (reverse-over-reverse, two nested GradientTapes; the P vectors
 share one forward and first backward pass) or ``"forward"`` (forward-over-reverse, a
 ForwardAccumulator around the gradient tape, one pass per vector). ``hvp_body`` is the
-one-vector case. They hold no state and compile nothing: ``HessianOperator`` traces them.
+one-vector case. ``flat_hvp_body`` and ``flat_probe_body`` are the same on one flat
+vector over all the variables (the estimators' float64 vectors; one transfer each way).
+They hold no state and compile nothing: ``HessianOperator`` traces them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,50 @@ def hvp_body_many(objective, variables, x, y, vectors, mode):
             grads = _dense(tape.gradient(loss, variables, unconnected_gradients=_ZERO))
         hvs.append(_dense(acc.jvp(grads, unconnected_gradients=_ZERO)))
     return loss, grads, hvs
+
+
+def check_flat(variables, flat) -> tf.Tensor:
+    """``flat`` as a tensor, or ValueError unless it is a float vector [n], n the variables' total size."""
+    flat = tf.convert_to_tensor(flat)
+    n = sum(int(np.prod(var.shape)) for var in variables)
+    if flat.shape.rank != 1 or flat.shape[0] != n or not flat.dtype.is_floating:
+        raise ValueError(f"flat must be a float vector of shape ({n},), not {flat.dtype.name} {flat.shape}.")
+    return flat
+
+
+def split_flat(variables, flat: tf.Tensor) -> list[tf.Tensor]:
+    """A flat vector [n] (any float dtype) as tensors shaped and typed like ``variables``.
+
+    Each part is cast to its variable's dtype (round to nearest, as ``tf.constant`` of a
+    float64 array with a float32 dtype does).
+    """
+    sizes = [int(np.prod(var.shape)) for var in variables]
+    parts = tf.split(flat, sizes) if len(sizes) > 1 else [flat]
+    return [tf.cast(tf.reshape(p, var.shape), var.dtype) for p, var in zip(parts, variables)]
+
+
+def concat_flat(tensors) -> tf.Tensor:
+    """Tensors (any shapes and float dtypes) as one float64 vector [n], in order."""
+    return tf.concat([tf.reshape(tf.cast(t, tf.float64), [-1]) for t in tensors], axis=0)
+
+
+def flat_hvp_body(objective, variables, x, y, flat: tf.Tensor, mode: str) -> list[tf.Tensor]:
+    """[Hv flat float64 [n], loss float64] for a flat vector ``flat`` [n]; runs inside a tf.function.
+
+    ``flat`` is split into the variables' shapes and dtypes (:func:`split_flat`), the
+    product is :func:`hvp_body`'s in ``mode``, and Hv comes back concatenated as float64.
+    """
+    loss, _, hv = hvp_body(objective, variables, x, y, split_flat(variables, flat), mode)
+    return [concat_flat(hv), tf.cast(loss, tf.float64)]
+
+
+def flat_probe_body(variables, seed: tf.Tensor, probe: str, streams) -> tf.Tensor:
+    """The probe ``draw_probe(variables, seed, probe, streams)`` as one float64 vector [n].
+
+    Casting a drawn entry (±1, or a normal in the variable's dtype) to float64 is exact, so
+    the vector equals the eager draw's parts concatenated as float64, bit for bit.
+    """
+    return concat_flat(draw_probe(variables, seed, probe, streams=streams))
 
 
 def random_vectors(variables, seeds, probe, support=None):

@@ -8,11 +8,10 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from keras_hesstrace.batches import check_reiterable, resolve_data
+from keras_hesstrace.batches import check_reiterable, resolve_data, to_tensors, weighted_mean
 from keras_hesstrace.groups import group_indices, layer_groups, select_groups
-from keras_hesstrace.batches import to_tensors
 from keras_hesstrace.hvp import DEFAULT_MODE, hessian_operator
-from keras_hesstrace.probes import check_probe, draw_probe, probe_seed
+from keras_hesstrace.probes import check_probe, probe_seed
 from keras_hesstrace._progress import finish, progress_bar
 
 
@@ -33,6 +32,11 @@ def block_indices(model, groups=None, by="layer"):
 
 class ModelHessian:
     """The Hessian (block) of a model's loss as a callable on flat float64 numpy vectors.
+
+    A product is one compiled call (:meth:`HessianOperator.flat_matvec`: the split into
+    the variables, H·v and the concatenation run in the graph), so each costs one
+    host-to-device and one device-to-host transfer of the flat vector; a probe is one
+    compiled draw (:meth:`HessianOperator.flat_probe`).
 
     Args:
         model, x, y: the model and one batch (``x, y`` or the tuple ``(x, y)`` as x), or x a
@@ -104,24 +108,28 @@ class ModelHessian:
         check_probe(probe)
         seed = int(seed)
 
-        def draw(m):
-            parts = draw_probe(self.variables, probe_seed(seed, m), probe, streams=self.indices)
-            return np.concatenate([np.asarray(p, dtype=np.float64).ravel() for p in parts])
+        def draw(m):  # one compiled draw, bit-identical to draw_probe's parts concatenated
+            return np.array(self.op.flat_probe(probe_seed(seed, m), probe, self.indices))
 
         return draw
 
-    def __call__(self, vector):
-        tensors = self.unflatten(vector)
+    def __call__(self, vector: np.ndarray) -> np.ndarray:
+        """H·v: ``vector`` float [n] (numpy) -> float64 [n] (a new numpy array).
+
+        In the dataset mode the batches' products are averaged weighted by batch size
+        (:func:`keras_hesstrace.batches.weighted_mean`) on the device, in float64.
+        """
+        flat = tf.convert_to_tensor(np.asarray(vector, dtype=np.float64))  # one transfer in
         if self.dataset:
-            hv, loss = self.op.matvec_data(self.data, tensors, self.num_batches)
+            hv, loss = weighted_mean(lambda x, y: self.op.flat_matvec(x, y, flat), self.data, self.num_batches)
         else:
-            hv, loss = self.op.matvec(self.data[0], self.data[1], tensors)
+            hv, loss = self.op.flat_matvec(self.data[0], self.data[1], flat)
         self.num_hvps += 1
         if self.loss is None:
             self.loss = float(loss)
         if self._bar is not None:
             self._bar.update(self.num_hvps)
-        return np.concatenate([np.asarray(h, dtype=np.float64).ravel() for h in hv])
+        return np.array(hv)  # one transfer out
 
     def close(self):
         finish(self._bar, self.num_hvps)
