@@ -110,19 +110,19 @@ def test_no_retracing_after_a_warm_up():
     model = mt.cnn_bn()
     x, y = mt.data(n=8, shape=(6, 6, 2))
     kw = dict(loss=xent64(), seed=0)
-    kh.hessian_trace(model, x, y, max_iter=3, tol=0.0, **kw)  # warm-up: traces product and probe
+    kh.hessian_trace(model, x, y, num_probes=3, rel_stderr=None, **kw)  # warm-up: traces product and probe
     kh.top_eigenvalues(model, x, y, k=1, max_iter=5, **kw)
     op = hessian_operator(model, xent64())
     count = op.tracing_count()
     assert count >= 2
     for seed in (1, 2):
-        kh.hessian_trace(model, x, y, max_iter=4, tol=0.0, loss=xent64(), seed=seed)
-        kh.hessian_trace(model, x, y, max_iter=4, tol=0.0, method="hutch++", loss=xent64(), seed=seed)
+        kh.hessian_trace(model, x, y, num_probes=4, rel_stderr=None, loss=xent64(), seed=seed)
+        kh.hessian_trace(model, x, y, num_probes=4, rel_stderr=None, method="hutch++", loss=xent64(), seed=seed)
         kh.top_eigenvalues(model, x, y, k=2, max_iter=6, loss=xent64(), seed=seed)
         kh.spectral_density(model, x, y, lanczos_steps=4, num_runs=1, loss=xent64(), seed=seed)
         kh.diagonal(model, x, y, num_probes=2, loss=xent64(), seed=seed)
         x2, y2 = mt.data(seed=seed, n=8, shape=(6, 6, 2))  # another batch of the same shape
-        kh.hessian_trace(model, x2, y2, max_iter=2, tol=0.0, loss=xent64(), seed=seed)
+        kh.hessian_trace(model, x2, y2, num_probes=2, rel_stderr=None, loss=xent64(), seed=seed)
     assert op.tracing_count() == count
 
 
@@ -160,8 +160,8 @@ _STRATEGY_SCRIPT = textwrap.dedent("""
         mirrored = mt.cnn_bn()
     mirrored.set_weights(single.get_weights())
     x, y = mt.data(n=13, shape=(6, 6, 2))  # uneven shards 6 + 7
-    a = kh.hessian_trace(single, x, y, max_iter=3, tol=0.0, loss=xent64(), seed=2)
-    b = kh.hessian_trace(mirrored, x, y, max_iter=3, tol=0.0, loss=xent64(), seed=2)
+    a = kh.hessian_trace(single, x, y, num_probes=3, rel_stderr=None, loss=xent64(), seed=2)
+    b = kh.hessian_trace(mirrored, x, y, num_probes=3, rel_stderr=None, loss=xent64(), seed=2)
     op = kh.hessian_operator(mirrored, xent64())
     print("RESULT " + json.dumps({{"distributed": op.strategy is not None,
           "rel": float(np.max(np.abs(b.samples - a.samples)) / np.max(np.abs(a.samples)))}}))
