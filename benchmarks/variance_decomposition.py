@@ -31,6 +31,7 @@ def main():
     parser.add_argument("--restricted", type=int, default=10)
     parser.add_argument("--rel-stderr", type=float, default=0.1)
     parser.add_argument("--json")
+    parser.add_argument("--plot", help="write a bar chart of the probes each layer needs per scheme (PNG)")
     args = parser.parse_args()
 
     import tensorflow as tf
@@ -98,12 +99,35 @@ def main():
           f"count for every layer (a fixed maxIter) {G * need_r.max():,.0f}")
     for eps, (k, cost) in colouring.items():
         print(f"colouring, eps {eps}: {k} classes, {cost:,.0f} probes")
+    if args.plot:
+        plot_needs(names, sizes, need_single, need_r, r, args.plot)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"names": list(names), "sizes": sizes.tolist(), "trace": trace.tolist(), "var_restricted": var_r.tolist(),
                        "var_single": var_single.tolist(), "coupling": coupling.tolist(), "rel_stderr": r,
                        "need_restricted": need_r.tolist(), "need_single": need_single.tolist(),
                        "colouring": {str(k): v for k, v in colouring.items()}}, f, indent=1)
+
+
+def plot_needs(names, sizes, need_single, need_restricted, r, path):
+    """Bars (log scale) of the probes each layer needs for relative stderr ``r``, per scheme."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pos = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    ax.bar(pos - 0.2, need_single, 0.4, label="single pass (its own probes serve every layer)", color="#c44e52")
+    ax.bar(pos + 0.2, need_restricted, 0.4, label="restricted (one probe per layer)", color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_xticks(pos, [f"{n} ({s})" for n, s in zip(names, sizes)], rotation=90, fontsize=6)
+    ax.set_ylabel(f"probes for stderr <= {r:g} x trace")
+    ax.set_title("CIFAR ResNet-20: probes each layer needs, by scheme (benchmarks/variance_decomposition.py)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
