@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import pyhessian  # noqa: F401  (its __init__ shadows the module pyhessian.hessian with the class)
+import pyhessian  # noqa: F401  (imports pyhessian.hessian; its __init__ shadows the module pyhessian.hessian with the class)
 from _timing import timed
 from _torch_resnets import build, layers, named_params
 
@@ -84,34 +84,34 @@ def measure(spec, dtype, timings):
         out["hvp_fresh_s"], _ = timed(fresh_hvp, spec["warmup"], spec["reps"])
     hv = fresh_hvp()
     hv_np = {}
-    for (k, _), h in zip(named, hv):
-        a = h.detach().numpy()
+    for (k, _), g in zip(named, hv):
+        a = g.detach().numpy()
         hv_np[k] = np.transpose(a, (2, 3, 1, 0)) if a.ndim == 4 else (a.T if a.ndim == 2 else a)
 
     model.zero_grad(set_to_none=True)
     start = time.perf_counter()
-    h = ph.hessian(model, criterion, data=(x, y), cuda=False)
+    hess = ph.hessian(model, criterion, data=(x, y), cuda=False)
     out["constructor_s"] = time.perf_counter() - start
     # PyHessian's params are model.parameters() in module-registration order = named_params' order
-    assert all(a is b for a, b in zip(h.params, params)) and len(h.params) == len(params)
+    assert all(a is b for a, b in zip(hess.params, params)) and len(hess.params) == len(params)
     if timings:
-        out["hvp_retained_s"], _ = timed(lambda: torch.autograd.grad(h.gradsH, h.params, grad_outputs=v, retain_graph=True),
+        out["hvp_retained_s"], _ = timed(lambda: torch.autograd.grad(hess.gradsH, hess.params, grad_outputs=v, retain_graph=True),
                                          spec["warmup"], spec["reps"])
 
     torch.manual_seed(spec["seed"])
     HVPS[0] = 0
     start = time.perf_counter()
-    eigenvalues, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=spec["k"])
+    eigenvalues, _ = hess.eigenvalues(maxIter=100, tol=1e-3, top_n=spec["k"])
     out["eigen"] = {"values": [float(e) for e in eigenvalues], "hvps": HVPS[0],
                     "seconds": time.perf_counter() - start + out["constructor_s"]}
 
     torch.manual_seed(spec["seed"])
     HVPS[0] = 0
     start = time.perf_counter()
-    samples = h.trace(maxIter=100, tol=1e-3)
+    samples = hess.trace(maxIter=100, tol=1e-3)
     out["trace"] = dict(_stats(samples), samples=[float(s) for s in samples], hvps=HVPS[0],
                         seconds=time.perf_counter() - start + out["constructor_s"])
-    del h
+    hess = None  # free its graph before the per-layer runs
 
     counts = spec.get("layer_counts") if timings else None
     if counts:
