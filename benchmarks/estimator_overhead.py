@@ -105,7 +105,8 @@ def main():
 
     def estimator(fn, **kwargs):
         def run(seed):
-            return int(fn(model, x, y, seed=seed, **kwargs).num_hvps)
+            result = fn(model, x, y, seed=seed, **kwargs)
+            return int(getattr(result, "num_hvps", None) or result.num_probes)  # DiagonalResult: num_probes
         return run
 
     rows = {
