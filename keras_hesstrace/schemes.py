@@ -30,7 +30,9 @@ Three unbiased estimators of a group's block trace tr(H_ll), each a mean of i.i.
 4. for the others, :func:`single_pass_count` picks the single-pass count that minimises the
    measured time (the single pass keeps the groups it serves at that count, and the total;
    the rest run restricted);
-5. every run then draws rounds until its groups meet the target
+5. every run then draws rounds until its groups meet the target; the single pass only to
+   twice its planned count (further only as the total needs), and a group it still leaves
+   short goes restricted, since the plan rests on pilot estimates
    (:func:`keras_hesstrace.linalg.adaptive.run_until_met`; the design by
    :func:`run_design`, with its error pooled over entries).
 
@@ -45,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from keras_hesstrace.linalg.adaptive import probes_needed, run_until_met
+from keras_hesstrace.linalg.adaptive import next_probe_count, probes_needed, run_until_met, target_met
 
 SCHEMES = ("single", "restricted", "auto")
 # The largest group (scalar parameters) the coordinate design serves: a sweep costs as many
@@ -336,14 +338,31 @@ def mixed_traces(contract: Callable, scheme, group_positions, variable_sizes, nu
                             samples[l], schemes[l], stderr[l] = rows[:, k_row], "coordinates", errors[k_row]
                             hvps[l], seconds[l] = len(rows) * design.sweep, sum(t for _, t in design_clock)
         rest = [l for l in range(num_groups) if schemes[l] == "single"]
-        _, go_restricted = single_pass_count(need_sp[rest], need_r[rest], num_probes, max(num_probes, need_total),
-                                             _per_hvp(single_clock), _per_hvp(restricted_clock))
+        planned, go_restricted = single_pass_count(need_sp[rest], need_r[rest], num_probes, max(num_probes, need_total),
+                                                   _per_hvp(single_clock), _per_hvp(restricted_clock))
         for l, r in zip(rest, go_restricted):
             if r:
                 run_restricted(l, restricted[l])
         single_cols = [l for l, r in zip(rest, go_restricted) if not r]
     cols = single_cols + [num_groups]   # the total always comes from the single pass
-    rows = until_met(lambda lo, hi: single(lo, hi)[:, cols], pilot[:, cols])
+    if scheme == "auto":
+        # The plan rests on pilot estimates: the single pass runs to at most twice the planned
+        # count (the total's need permitting), and a group it still leaves short goes restricted.
+        rows, cap = pilot[:, cols], 2 * planned
+        while True:
+            m = len(rows)
+            target = max(next_probe_count(rows[:, [-1]], rel_stderr, max_probes, multiple),
+                         min(next_probe_count(rows, rel_stderr, max_probes, multiple), max(cap, m)))
+            if target <= m:
+                break
+            rows = np.concatenate([rows, single(m, target)[:, cols]])
+        short = [l for k, l in enumerate(single_cols) if not target_met(rows[:, [k]], rel_stderr)[0]]
+        for l in short:
+            run_restricted(l, restricted.get(l))
+        single_cols = [l for l in single_cols if l not in short]
+        rows = rows[:, [cols.index(l) for l in single_cols] + [-1]]
+    else:
+        rows = until_met(lambda lo, hi: single(lo, hi)[:, cols], pilot[:, cols])
     for k, l in enumerate(single_cols):
         samples[l] = rows[:, k]
     for l in range(num_groups):

@@ -151,6 +151,25 @@ def test_the_auto_plan_covers_as_it_reports_with_a_small_sequential_bias(trial_f
     assert np.all(rms <= 1.2 * r), rms
 
 
+def test_a_group_the_single_pass_serves_worse_than_its_pilot_said_goes_restricted():
+    """The plan rests on a 10-probe pilot; a group whose later single-pass samples are far
+    noisier than the pilot's must not hold the single pass to max_probes (it did, once)."""
+    def contract(lo, hi, kind):
+        rows = []
+        for i in range(lo, hi):
+            rng = np.random.default_rng([0 if kind[0] == "single" else 1 + kind[1], i])
+            noisy = kind[0] == "single" and i >= 10
+            rows.append([5.0 + 0.1 * rng.normal(), 1.0 + (10.0 if noisy else 0.01) * rng.normal(), 6.0 + 3.0 * rng.normal()])
+        return np.array(rows)
+
+    # the total needs about (3 / (0.05 * 6))² = 100 single-pass probes; group 1 looked fine
+    # in the pilot and needs 40,000 after it
+    out = mixed_traces(contract, "auto", [(0,), (1,)], [300, 300], num_probes=10, rel_stderr=0.05, max_probes=2000, seed=0)
+    assert out["schemes"] == ("single", "restricted")
+    assert len(out["total"]) < 400 and out["all_hvps"] < 450   # capped at twice the plan, not run to max_probes
+    assert abs(out["samples"][1].mean() - 1.0) < 0.01
+
+
 def test_the_restricted_and_design_estimates_are_unbiased_at_a_fixed_count():
     """Without a sequential stop the restricted probes are exactly unbiased: 2000 per group,
     each mean within 4 standard errors of the block trace (the design's sweeps: above)."""
