@@ -36,7 +36,7 @@ from keras_hesstrace._version import __version__  # noqa: E402
 # Each public name and the module that defines it, imported on first use (PEP 562).
 _PUBLIC = {
     "hvp": "keras_hesstrace.hvp",
-    "HessianOperator": "keras_hesstrace.hvp",
+    "HessianOperator": "keras_hesstrace.hessian_products",
     "hessian_operator": "keras_hesstrace.hvp",
     "layer_traces": "keras_hesstrace.trace",
     "GroupTraces": "keras_hesstrace.group_traces",
