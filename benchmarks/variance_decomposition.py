@@ -118,7 +118,7 @@ def plot_needs(names, sizes, need_single, need_restricted, r, path):
 
     pos = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(12, 4.5))
-    ax.bar(pos - 0.2, need_single, 0.4, label="single pass (its own probes serve every layer)", color="#c44e52")
+    ax.bar(pos - 0.2, need_single, 0.4, label="single pass (one probe serves every layer)", color="#c44e52")
     ax.bar(pos + 0.2, need_restricted, 0.4, label="restricted (one probe per layer)", color="#4c72b0")
     ax.set_yscale("log")
     ax.set_xticks(pos, [f"{n} ({s})" for n, s in zip(names, sizes)], rotation=90, fontsize=6)
