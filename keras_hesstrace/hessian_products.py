@@ -278,19 +278,18 @@ class HessianOperator:
             self._functions[key] = fn
         return fn(tf.convert_to_tensor(seed, tf.int64))
 
-    def probe_contractions(self, x, y, seeds, probe, group_positions, support=None):
+    def probe_contractions(self, x, y, seeds, probe, group_positions):
         """P probes in one compiled call: draw each v, compute Hv, contract per group.
 
         Args:
             x, y: one batch (tensors).
             seeds: int64 tensor [P, 2], the probes' stateless seeds (the same v on
                 every replica). In reverse mode the P probes share one forward and
-                first backward pass.
+                first backward pass. Each variable's stream is its index in
+                ``model.trainable_variables``, so a block operator's probe is the whole
+                model's probe restricted to the block.
             probe: "rademacher" or "gaussian".
             group_positions: tuple of tuples of positions into ``self.variables``.
-            support: None (v over every variable), or float32 [len(variables)] of 0/1:
-                the same draw with the variables of 0 zeroed (a probe restricted to a
-                set of groups; one compiled function serves every support).
 
         Returns:
             (s, total, loss, *grads): s float64 [P, G] with s[p, g] = Σ_{var in g}
@@ -298,13 +297,9 @@ class HessianOperator:
             operator, the loss, then the loss's gradient, one tensor per variable of
             ``self.variables`` (from the same pass; float64 under a strategy).
         """
-        variables = self.variables
-        if support is None:
-            return self._contractions(("probe", probe), lambda seeds: random_vectors(variables, seeds, probe),
-                                      x, y, (seeds,), group_positions)
-        return self._contractions(("probe", probe, "support"),
-                                  lambda seeds, mask: random_vectors(variables, seeds, probe, mask),
-                                  x, y, (seeds, tf.convert_to_tensor(support, tf.float32)), group_positions)
+        variables, streams = self.variables, self.variable_indices
+        return self._contractions(("probe", probe), lambda seeds: random_vectors(variables, seeds, probe, streams),
+                                  x, y, (seeds,), group_positions)
 
     def coordinate_contractions(self, x, y, index, sign, group_positions):
         """P coordinate vectors in one compiled call: v = Σ_j sign[p, j] e_(j, index[p, j]).

@@ -49,6 +49,10 @@ OPERATOR_CACHE_ATTR = "_hesstrace_operators"
 # Operators kept per model (least recently used dropped first): bounds the memory of
 # compiled functions when a caller keeps asking for new losses or blocks.
 OPERATOR_CACHE_SIZE = 16
+# Block operators (a Hessian over some variables: ``layer_traces(scheme="restricted")`` makes
+# one per layer) are kept apart, up to this many per model, so a deep network's layers do not
+# push out each other or the whole-model operators.
+BLOCK_OPERATOR_CACHE_SIZE = 512
 
 
 def hessian_operator(
@@ -68,7 +72,8 @@ def hessian_operator(
     freed with the model and holds no hidden global state. It is keyed by what the loss
     computes (a ``keras.losses.Loss`` by its class and config, so a new but equal loss
     object reuses the compiled functions) and holds at most ``OPERATOR_CACHE_SIZE``
-    operators per model, the least recently used dropped first, with a warning.
+    whole-model and ``BLOCK_OPERATOR_CACHE_SIZE`` block operators per model, the least
+    recently used of each kind dropped first, with a warning.
     """
     check_model(model)
     per_model = model.__dict__.get(OPERATOR_CACHE_ATTR)
@@ -77,14 +82,17 @@ def hessian_operator(
         # Bypass Keras attribute tracking: this is not model state to save.
         object.__setattr__(model, OPERATOR_CACHE_ATTR, per_model)
     strategy = effective_strategy(model, strategy)
-    key = (loss_key(model, loss), None if variable_indices is None else tuple(variable_indices), mode, bool(jit_compile), id(strategy))
+    block = None if variable_indices is None else tuple(variable_indices)
+    key = (loss_key(model, loss), block, mode, bool(jit_compile), id(strategy))
     op = per_model.pop(key, None)
     if op is None:
-        if len(per_model) >= OPERATOR_CACHE_SIZE:
-            per_model.pop(next(iter(per_model)))  # the least recently used
+        limit = OPERATOR_CACHE_SIZE if block is None else BLOCK_OPERATOR_CACHE_SIZE
+        same_kind = [k for k in per_model if (k[1] is None) == (block is None)]
+        if len(same_kind) >= limit:
+            per_model.pop(same_kind[0])  # the least recently used of its kind
             warnings.warn(
-                f"hessian_operator: more than {OPERATOR_CACHE_SIZE} operators on this model "
-                "(losses, blocks or modes); the least recently used was dropped and will be "
+                f"hessian_operator: more than {limit} {'whole-model' if block is None else 'block'} operators on "
+                "this model (losses, blocks or modes); the least recently used was dropped and will be "
                 "traced again if used. Pass the same loss (or an equal keras.losses.Loss) "
                 "to reuse compiled functions.", RuntimeWarning, stacklevel=2)
         op = HessianOperator(model, loss, variable_indices, mode, jit_compile, strategy)

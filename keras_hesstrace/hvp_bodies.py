@@ -107,13 +107,10 @@ def flat_probe_body(variables, seed: tf.Tensor, probe: str, streams) -> tf.Tenso
     return concat_flat(draw_probe(variables, seed, probe, streams=streams))
 
 
-def random_vectors(variables, seeds, probe, support=None):
-    """P probe vectors from the stateless seeds [P, 2] (``keras_hesstrace.probes.draw_probe``);
-    ``support`` float32 [len(variables)] of 0/1 zeroes the variables of 0."""
-    vectors = [draw_probe(variables, seeds[i], probe) for i in range(int(seeds.shape[0]))]
-    if support is not None:
-        vectors = [[v * tf.cast(support[j], v.dtype) for j, v in enumerate(vec)] for vec in vectors]
-    return vectors
+def random_vectors(variables, seeds, probe, streams=None):
+    """P probe vectors from the stateless seeds [P, 2] (``keras_hesstrace.probes.draw_probe``,
+    variable j drawn from stream ``streams[j]``, default j)."""
+    return [draw_probe(variables, seeds[i], probe, streams) for i in range(int(seeds.shape[0]))]
 
 
 def coordinate_vectors(variables, index, sign):

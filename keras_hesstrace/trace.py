@@ -151,6 +151,10 @@ def layer_traces(
     names, indices = group_indices(model, mapping)
     sizes = group_sizes(mapping)
     op = hessian_operator(model, loss, None, mode, jit_compile, strategy)
+    # A restricted probe runs on its group's block operator, in reverse mode unless asked
+    # otherwise: measured on a ResNet-20 layer, 26-69 ms a probe against the whole model's
+    # 156 ms (forward: 22-116 ms), the backward pass stopping at the group (docs/method.md §3b).
+    block_mode = "reverse" if mode == "auto" else mode
     if seed is None:
         seed = int(np.random.SeedSequence().entropy % (2**62))
     per_call = check_integer("probes_per_call", probes_per_call)
@@ -176,11 +180,14 @@ def layer_traces(
         if kind[0] == "coordinates":
             index, sign = kind[1].vectors(a, b)
             return op.coordinate_contractions(xc, yc, index, sign, indices)
-        if kind[0] == "restricted":
-            support = np.zeros(len(op.variables), np.float32)
-            support[list(indices[kind[1]])] = 1.0
-            seeds = tf.stack([probe_seed(seed, (kind[1] + 1) * RESTRICTED_STREAM + m) for m in range(a, b)])
-            return op.probe_contractions(xc, yc, seeds, probe, indices, support)
+        if kind[0] == "restricted":   # the group's own block operator: v, Hv and the gradient on it alone
+            l = kind[1]
+            block = hessian_operator(model, loss, indices[l], block_mode, jit_compile, strategy)
+            seeds = tf.stack([probe_seed(seed, (l + 1) * RESTRICTED_STREAM + m) for m in range(a, b)])
+            s_l, total, loss_value, *_ = block.probe_contractions(xc, yc, seeds, probe, (tuple(range(len(indices[l]))),))
+            s_g = np.zeros((b - a, len(indices)))
+            s_g[:, l] = s_l.numpy()[:, 0]
+            return tf.constant(s_g), total, loss_value
         return op.probe_contractions(xc, yc, tf.stack([probe_seed(seed, m) for m in range(a, b)]), probe, indices)
 
     def contract(lo, hi, kind=("single",)):

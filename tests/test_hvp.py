@@ -185,3 +185,24 @@ def test_a_new_but_equal_loss_object_reuses_the_operator_and_the_cache_is_bounde
             hessian_operator(model, lambda yt, yp, i=i: tf.reduce_mean(yp))
     assert len(cache) == OPERATOR_CACHE_SIZE
     assert any("least recently used" in str(w.message) for w in caught)
+
+
+def test_block_operators_are_cached_apart_from_whole_model_ones():
+    """scheme="restricted" makes one block operator per layer: a deep network's layers must
+    not push out the whole-model operators (nor each other, up to BLOCK_OPERATOR_CACHE_SIZE)."""
+    import warnings
+
+    from keras_hesstrace.hvp import BLOCK_OPERATOR_CACHE_SIZE, OPERATOR_CACHE_ATTR, OPERATOR_CACHE_SIZE, hessian_operator
+
+    model = mt.mlp()
+    loss = "sparse_categorical_crossentropy"
+    whole = hessian_operator(model, loss)
+    n = len(model.trainable_variables)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no eviction warning
+        blocks = [hessian_operator(model, loss, tuple(sorted({i % n, (i // n + i) % n}))) for i in range(OPERATOR_CACHE_SIZE + 4)]
+    assert hessian_operator(model, loss) is whole
+    assert all(hessian_operator(model, loss, op.variable_indices) is op for op in blocks)
+    cache = getattr(model, OPERATOR_CACHE_ATTR)
+    assert sum(k[1] is not None for k in cache) == len({op.variable_indices for op in blocks})
+    assert BLOCK_OPERATOR_CACHE_SIZE >= 256

@@ -299,8 +299,9 @@ def test_layer_traces_per_probe_samples(small_case, record_property):
 
 
 def test_restricted_and_coordinate_contractions(small_case, record_property):
-    """The vectors of layer_traces(scheme=...) (keras_hesstrace.schemes): a probe restricted to
-    one group, and the coordinate design's signed single entries, contracted per group."""
+    """The vectors of layer_traces(scheme=...) (keras_hesstrace.schemes): a probe on one
+    group's block operator (the whole model's probe restricted to it), and the coordinate
+    design's signed single entries, contracted per group."""
     b = built(small_case)
     op = hessian_operator(b.model)
     mapping = kh.layer_groups(b.model)
@@ -309,12 +310,12 @@ def test_restricted_and_coordinate_contractions(small_case, record_property):
     rtol = REF_RTOL[small_case.reference]
     worst = 0.0
     for l in sorted({0, len(indices) - 1}):
-        support = np.zeros(len(b.variables), np.float32)
-        support[list(indices[l])] = 1.0
-        s, total, *_ = op.probe_contractions(b.xt, b.yt, tf.stack([probe_seed(SEED, 5)]), "rademacher", indices, support)
-        v = flatten(draw_probe(b.variables, probe_seed(SEED, 5))) * masks[l]
+        block = hessian_operator(b.model, None, indices[l], "reverse")   # what scheme="restricted" runs
+        s, total, *_ = block.probe_contractions(b.xt, b.yt, tf.stack([probe_seed(SEED, 5)]), "rademacher",
+                                                (tuple(range(len(indices[l]))),))
+        v = flatten(draw_probe(b.variables, probe_seed(SEED, 5))) * masks[l]   # the whole model's probe, restricted
         hv = b.H @ v
-        worst = max(worst, assert_close(s.numpy()[0], [v[m] @ hv[m] for m in masks], rtol, f"{small_case.name}: restricted to group {l}"))
+        worst = max(worst, assert_close(s.numpy()[0], [v[masks[l]] @ hv[masks[l]]], rtol, f"{small_case.name}: restricted to group {l}"))
     sizes = [int(np.prod(v.shape)) for v in b.variables]
     edges = np.cumsum([0] + sizes)
     design = CoordinateDesign(indices, sizes, seed=SEED)
