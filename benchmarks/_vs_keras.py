@@ -46,23 +46,9 @@ def _new_model(arch):
 
 def build(arch, batch, seed=0):
     """The float32 network with data-set BN statistics, and one random batch (x, y)."""
-    if arch == "resnet20":
-        from layer_trace_schemes import setup
+    from layer_trace_schemes import setup
 
-        return setup(batch, seed)
-    import keras
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(seed)  # the same procedure as layer_trace_schemes.setup
-    model = _new_model(arch)
-    rng = np.random.default_rng(seed)
-    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
-    for layer in norms:
-        layer.momentum = 0.0
-    model(tf.constant(rng.normal(size=(256, 32, 32, 3)).astype("float32")), training=True)
-    for layer in norms:
-        layer.momentum = 0.99
-    return model, rng.normal(size=(batch, 32, 32, 3)).astype("float32"), rng.integers(0, 10, size=batch)
+    return setup(batch, seed, arch)
 
 
 def rel_error(a, b):

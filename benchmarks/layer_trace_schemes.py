@@ -29,14 +29,16 @@ import warnings
 import numpy as np
 
 
-def setup(batch, seed=0):
+def setup(batch, seed=0, arch="resnet20"):
+    """(model, x, y): the compiled network ("resnet20" or "resnet18") with its BatchNorm
+    moving statistics set from 256 random images, and one random batch of ``batch``."""
     import keras
     import tensorflow as tf
 
     from keras_hesstrace import models
 
     keras.utils.set_random_seed(seed)
-    model = models.cifar_resnet(20)
+    model = models.cifar_resnet(20) if arch == "resnet20" else models.resnet18(num_classes=10, input_shape=(32, 32, 3))
     model.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(seed)
     norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
