@@ -47,7 +47,7 @@ from typing import Callable
 
 import numpy as np
 
-from keras_hesstrace.linalg.adaptive import next_probe_count, probes_needed, run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import next_probe_count, next_round, probes_needed, run_until_met, target_met
 
 SCHEMES = ("single", "restricted", "auto")
 # The largest group (scalar parameters) the coordinate design serves: a sweep costs as many
@@ -206,8 +206,7 @@ def run_design(draw_rows, design, rel_stderr, max_sweeps):
             need = variance / (rel_stderr * mean) ** 2
         if q_count >= max_sweeps or not np.all(np.isfinite(rows)) or np.all(stderr <= rel_stderr * np.abs(mean)):
             return design.samples(rows), stderr
-        want = np.nanmax(np.where(np.isfinite(need), need, max_sweeps))
-        target = min(max(math.ceil(want * (1 - 1e-12)), q_count + math.ceil(q_count / 10)), max_sweeps)
+        target = next_round(q_count, float(np.max(np.where(np.isfinite(need), need, np.inf))), max_sweeps)
         rows = np.concatenate([rows, draw_rows(q_count, target)])
 
 

@@ -253,3 +253,15 @@ def test_the_diagonal_rule_gives_the_relative_error_it_reports():
     # the reported target bounds the RMS relative error (in the 2-norm) up to the sampling
     # error of an RMS over `reps` replications and the sequential stop's small excess
     assert np.all(rms <= r * (1 + 3 / np.sqrt(2 * reps))) and np.all(rms >= 0.7 * r), rms
+
+
+def test_the_diagonal_rule_runs_a_block_with_a_zero_diagonal_to_max_probes():
+    """A block whose diagonal estimate is exactly 0 can never meet a relative target: it
+    runs to max_probes (it used to raise OverflowError from ceil(inf))."""
+    from keras_hesstrace.linalg.hutchinson import hutchinson_diagonal
+
+    A = np.zeros((20, 20))
+    A[10:, 10:] = np.diag(np.arange(1.0, 11.0))
+    mean, err, used = hutchinson_diagonal(lambda v: A @ v, 20, num_probes=4, seed=0, rel_stderr=0.1, max_probes=12,
+                                          blocks=[[(0, 10)], [(10, 20)]])
+    assert used == 12 and np.all(mean[:10] == 0) and np.allclose(mean[10:], np.arange(1.0, 11.0))

@@ -88,6 +88,26 @@ def probes_needed(samples: np.ndarray, rel_stderr: float, cap: int | None = None
     return min(needed, limit)
 
 
+def next_round(current: int, needed: float, max_probes: int, multiple: int = 1) -> int:
+    """The probe count after the next round, given the count ``needed`` estimated so far.
+
+    ``needed`` (a non-finite one: ``max_probes``), up to a relative 1e-12 so that an exact
+    count is not rounded up; at least ``current + ceil(current / 10)``; rounded up to a
+    multiple of ``multiple`` (the probes per compiled call); at most ``max_probes``. The one
+    growth rule of every estimator that draws to a target (layer_traces, hutchinson_trace,
+    hutchinson_diagonal, the coordinate design's sweeps).
+
+    >>> next_round(10, 50.0, 1000), next_round(10, 3.0, 1000), next_round(10, float("inf"), 400)
+    (50, 11, 400)
+    >>> next_round(10, 50.0, 1000, multiple=8), next_round(10, 50.0, 30)
+    (56, 30)
+    """
+    want = max_probes if not math.isfinite(needed) else math.ceil(needed * (1 - 1e-12))
+    want = max(want, current + math.ceil(current / 10))
+    want = -(-want // multiple) * multiple
+    return int(min(want, max_probes))
+
+
 def next_probe_count(samples: np.ndarray, rel_stderr: float, max_probes: int, multiple: int = 1) -> int:
     """How many probes the run should have after the next round (the current M when it should stop).
 
@@ -105,9 +125,7 @@ def next_probe_count(samples: np.ndarray, rel_stderr: float, max_probes: int, mu
     m = int(samples.shape[0])
     if m >= max_probes or not np.all(np.isfinite(samples)) or np.all(target_met(samples, rel_stderr)):
         return m
-    want = max(probes_needed(samples, rel_stderr, cap=max_probes), m + math.ceil(m / 10))
-    want = -(-want // multiple) * multiple
-    return min(want, max_probes)
+    return next_round(m, probes_needed(samples, rel_stderr, cap=max_probes), max_probes, multiple)
 
 
 def run_until_met(draw: Callable[[int, int], np.ndarray], num_probes: int, rel_stderr: float,

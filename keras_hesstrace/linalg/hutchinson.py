@@ -6,12 +6,10 @@ the Keras functions pass the package's one TensorFlow generator, so the same see
 same probes as :func:`keras_hesstrace.layer_traces`.
 """
 
-import math
-
 import numpy as np
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.linalg.adaptive import run_until_met, target_met
+from keras_hesstrace.linalg.adaptive import next_round, run_until_met, target_met
 from keras_hesstrace.linalg.common import check_finite, numpy_probes, stderr, take_probe
 
 
@@ -161,4 +159,4 @@ def hutchinson_diagonal(matvec, n, num_probes=100, probe="rademacher", seed=None
             need.append(spread / (rel_stderr**2 * size) if size > 0 else np.inf)
         if max(need) <= m:
             return mean, np.sqrt(var / m), m
-        target = int(min(max_probes, max(math.ceil(max(need) * (1 - 1e-12)), m + math.ceil(m / 10))))
+        target = next_round(m, max(need), max_probes)
