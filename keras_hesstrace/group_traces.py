@@ -163,12 +163,20 @@ class GroupTraces:
             frame["seconds"] = self.seconds
         return frame
 
+    @property
+    def missed_target(self) -> list:
+        """The groups (and ``"total"``) whose relative standard error is above the target;
+        empty without a target or when all met it."""
+        if self.rel_stderr_target is None:
+            return []
+        return [n for n, ok in zip(self.groups, self.target_met) if not ok] + ([] if self.total_target_met else ["total"])
+
     def __str__(self):
         frame = self.to_frame()
         lines = [frame.to_string(float_format=lambda v: f"{v:.4g}")]
         lines.append(f"total trace {self.total:.6g} ± {self.total_stderr:.2g} (M={self.num_probes} probes, {self.num_batches} batch(es), loss {self.loss:.4g})")
         if self.rel_stderr_target is not None:
-            missed = [n for n, ok in zip(self.groups, self.target_met) if not ok] + ([] if self.total_target_met else ["total"])
+            missed = self.missed_target
             lines.append(f"target rel_stderr {self.rel_stderr_target:g}: " + ("met by every group and the total" if not missed
                                                                                else "NOT met by " + ", ".join(missed)))
         if not self.finite:

@@ -262,9 +262,9 @@ def layer_traces(
         hvps_drawn=None if mixed is None else mixed["all_hvps"],
         pooled_stderr=None if mixed is None else mixed["stderr"],
     )
-    if rel_stderr is not None and result.finite and not (np.all(result.target_met) and result.total_target_met):
-        missed = [n for n, ok in zip(names, result.target_met) if not ok] + ([] if result.total_target_met else ["total"])
-        warnings.warn(f"rel_stderr={rel_stderr:g} not met after max_probes={max_probes} probes by: {', '.join(missed)} "
+    if result.finite and result.missed_target:
+        warnings.warn(f"rel_stderr={rel_stderr:g} not met after max_probes={max_probes} probes by: "
+                      f"{', '.join(result.missed_target)} "
                       f"(relative stderr {', '.join(f'{v:.3g}' for v in result.rel_stderr[~result.target_met])}"
                       f"{'' if result.total_target_met else f'; total {abs(result.total_stderr / result.total):.3g}'}). "
                       "A trace near 0 never meets a relative target.", RuntimeWarning, stacklevel=2)

@@ -375,8 +375,7 @@ class HessianTraceCallback(keras.callbacks.Callback):
         self._fit_steps.append(step)
         self._last_recorded = step
         self._record(step, rows, values)
-        if self.rel_stderr is not None and not self._target_warned and not (
-                all(result.target_met) and result.total_target_met) and result.finite:
+        if not self._target_warned and result.missed_target and result.finite:
             self._target_warned = True
             warnings.warn(target_missed_text(step, epoch, result, self.max_probes), RuntimeWarning, stacklevel=3)
         if bad:

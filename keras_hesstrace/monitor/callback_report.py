@@ -122,10 +122,7 @@ def _fmt(value: float) -> str:
 
 def target_missed_text(step: int, epoch: float, result, max_probes: int) -> str:
     """The warning for the first snapshot of a fit that missed ``rel_stderr``."""
-    missed = [g for g, ok in zip(result.groups, result.target_met) if not ok]
-    if not result.total_target_met:
-        missed.append("total")
     return (f"HessianTraceCallback: the snapshot at step {step} (epoch {epoch:.2f}) did not reach "
-            f"rel_stderr={result.rel_stderr_target:g} within max_probes={max_probes} for: {', '.join(missed)} "
+            f"rel_stderr={result.rel_stderr_target:g} within max_probes={max_probes} for: {', '.join(result.missed_target)} "
             "(its traces are recorded with their larger stderr; a trace near 0 never meets a relative target). "
             "Later snapshots of this fit are not warned about.")
