@@ -135,10 +135,13 @@ class CoordinateDesign:
         """(index int32 [hi - lo, V], sign float32 [hi - lo, V]) of HVPs lo..hi-1 (global numbers)."""
         index = np.full((hi - lo, len(self.variable_sizes)), -1, dtype=np.int32)
         sign = np.zeros((hi - lo, len(self.variable_sizes)), dtype=np.float32)
+        draws = {}   # each (group, sweep) drawn once per call, not once per HVP
         for i in range(lo, hi):
             q, p = divmod(i, self.sweep)
             for l, positions in enumerate(self.groups):
-                perm, signs = self._draw(l, q)
+                if (l, q) not in draws:
+                    draws[l, q] = self._draw(l, q)
+                perm, signs = draws[l, q]
                 c = int(perm[p % self.sizes[l]])
                 for j in positions:
                     if c < self.variable_sizes[j]:

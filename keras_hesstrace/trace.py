@@ -161,16 +161,16 @@ def layer_traces(
     max_batch_size = check_integer("max_batch_size", max_batch_size, none="no chunking")
     if max_batch_size is not None:
         check_mean_reduction(resolve_loss(model, loss), "max_batch_size")
+    several_runs = rel_stderr is not None or scheme != "single"   # rounds or runs of unknown length
     if dataset_mode:
-        total_steps = (None if num_batches is None or rel_stderr is not None or scheme != "single"
-                       else int(num_batches) * num_probes)
+        total_steps = None if num_batches is None or several_runs else int(num_batches) * num_probes
         show = verbose == 1 or (verbose == "auto")
-        if (rel_stderr is not None or scheme != "single") and isinstance(x, collections.abc.Iterator):
+        if several_runs and isinstance(x, collections.abc.Iterator):
             what = "rel_stderr draws probes in rounds" if rel_stderr is not None else f"scheme={scheme!r} runs each group"
             raise ValueError(f"{what}, one pass over the data each: pass data that can be iterated again (a list "
                              "of batches or a tf.data.Dataset), not an iterator or generator.")
     else:
-        total_steps = None if rel_stderr is not None or scheme != "single" else num_probes
+        total_steps = None if several_runs else num_probes
         show = verbose == 1
     bar = _progbar(total_steps, show)
     state = {"done": 0, "loss": None}
@@ -186,8 +186,8 @@ def layer_traces(
             seeds = tf.stack([probe_seed(seed, (l + 1) * RESTRICTED_STREAM + m) for m in range(a, b)])
             s_l, total, loss_value, *_ = block.probe_contractions(xc, yc, seeds, probe, (tuple(range(len(indices[l]))),))
             s_g = np.zeros((b - a, len(indices)))
-            s_g[:, l] = s_l.numpy()[:, 0]
-            return tf.constant(s_g), total, loss_value
+            s_g[:, l] = np.asarray(s_l)[:, 0]
+            return s_g, total, loss_value
         return op.probe_contractions(xc, yc, tf.stack([probe_seed(seed, m) for m in range(a, b)]), probe, indices)
 
     def contract(lo, hi, kind=("single",)):
@@ -201,7 +201,7 @@ def layer_traces(
                 weight = batch_size(yc)
                 for a, b in seeds:
                     s_g, total, loss_value, *grads = compute(kind, xc, yc, a, b)
-                    out[a - lo:b - lo] += weight * np.column_stack([s_g.numpy(), total.numpy()])
+                    out[a - lo:b - lo] += weight * np.column_stack([np.asarray(s_g), np.asarray(total)])
                     if a == lo:
                         loss_sum += weight * float(loss_value)
                         weight_sum += weight
