@@ -42,8 +42,30 @@ def check_sgd(learning_rate, momentum, weight_decay):
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}.")
 
 
+class SettingsDict:
+    """``to_dict`` / ``from_dict`` of a settings dataclass: a dict written by an earlier
+    version is brought to today's field names (``upgraded``; none by default), and an
+    unknown key is refused with the known ones listed."""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def upgraded(d):
+        return dict(d)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = cls.upgraded(d)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}.")
+        return cls(**d)
+
+
 @dataclass
-class ExperimentConfig:
+class ExperimentConfig(SettingsDict):
     """Settings of the memorisation experiment (every field is a CLI flag ``--field-name``).
 
     Attributes:
@@ -210,9 +232,6 @@ class ExperimentConfig:
                              f"{self.effect_window!r}.")
         return self
 
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
     @staticmethod
     def upgraded(d):
         """A config dict written by an earlier version, in today's field names."""
@@ -222,15 +241,6 @@ class ExperimentConfig:
         if d.get("target_arl0") is not None and "false_alarm_prob" not in d:
             d["false_alarm_prob"] = None  # a config written before false_alarm_prob existed
         return d
-
-    @classmethod
-    def from_dict(cls, d):
-        d = cls.upgraded(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(names)}.")
-        return cls(**d)
 
     @classmethod
     def from_file(cls, path):

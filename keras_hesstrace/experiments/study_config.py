@@ -12,14 +12,13 @@ A *variant* is named ``resnet<depth>[-<change>]``:
 :func:`variant_flags` turns a name into ``cifar_resnet``'s ``(depth, batch_norm, residual)``.
 """
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from keras_hesstrace._validate import check_integer
-from keras_hesstrace.experiments.config import check_sgd
+from keras_hesstrace.experiments.config import SettingsDict, check_sgd
 
 STUDY_DATASETS = ("digits16", "cifar10", "cifar100")
 STAGES = ("stage1", "stage2", "stage3")
@@ -56,7 +55,7 @@ def describe_variant(name):
 
 
 @dataclass
-class StudyConfig:
+class StudyConfig(SettingsDict):
     """Settings of the architecture study.
 
     Attributes:
@@ -141,22 +140,6 @@ class StudyConfig:
             raise ValueError(f"hessian_batch_size={self.hessian_batch_size} is more than the "
                              f"{n_train} training examples.")
         return self
-
-    def to_dict(self):
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def upgraded(d):
-        """A config dict written by an earlier version, in today's field names (none yet)."""
-        return dict(d)
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown study setting(s) {unknown}.")
-        return cls(**d)
 
 
 _PYHESSIAN_VARIANTS = ["resnet20", "resnet20-nobn", "resnet20-nores",
